@@ -1,0 +1,3 @@
+from dpolab.cli import main
+
+main()

