@@ -5,12 +5,11 @@ import difflib
 import importlib
 from typing import Any
 
+from dpolab.errors import ConfigError
 
-class RegistryError(KeyError):
+
+class RegistryError(ConfigError):
     """An unknown name was asked of a registry."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
 
 
 class Registry:

@@ -1,0 +1,138 @@
+"""Typed configs: YAML files plus overrides; unknown keys fail at load and list the valid ones."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dpolab.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(StrictModel):
+    """Everything one training run needs. Field descriptions double as CLI and README help."""
+
+    # what
+    model: str = Field("smollm2-135m-instruct", description="built-in name, local Hugging Face folder, or hub id")
+    data: str | None = Field(None, description="preference data: .jsonl/.json/.parquet/.csv or a save_to_disk folder")
+    out: str | None = Field(None, description="output folder: metrics.jsonl, checkpoints/, model/")
+    # the objective
+    loss: str = Field("dpo", description="loss name from dpolab.losses.LOSSES")
+    beta: float | None = Field(0.1, gt=0, description="strength of the pull towards the reference; larger stays closer (null: the loss's own default)")
+    loss_args: dict[str, Any] = Field(default_factory=dict, description="extra options of the chosen loss")
+    sft_weight: float = Field(0.0, ge=0, description="weight of an extra NLL term on the chosen response (RPO)")
+    reference: Literal["auto", "cached", "frozen", "adapter", "none"] = Field(
+        "auto", description="auto = cached log-probs (computed once with the starting weights, reused by later runs)"
+    )
+    # optimisation
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
+    batch_size: int = Field(8, ge=1, description="pairs per optimizer step, summed over processes and accumulation")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs x pairs / batch_size")
+    epochs: float = Field(1.0, gt=0, description="passes over the data when max_steps is not set")
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, description="clip the global gradient norm; null disables")
+    seed: int = 0
+    # data handling
+    max_length: int = Field(1024, ge=8, description="cap on prompt + completion tokens; prompts keep their end")
+    skip_invalid: bool = Field(False, description="drop invalid rows (and report how many) instead of refusing")
+    shuffle: bool = True
+    # model handling
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    lora: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = 32.0
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] | str = Field("all-linear", description="module names, or all-linear")
+    freeze_layers: int = Field(0, ge=0, description="full fine-tuning with the lowest k decoder layers (and embeddings) frozen")
+    # the forward pass
+    forward: Literal["prefix", "concat"] = Field("prefix", description="prefix: run each prompt once for both responses")
+    chunk_tokens: int = Field(512, ge=1, description="completion positions sent through the LM head at once")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    # bookkeeping
+    save_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    save_model: bool = Field(True, description="write OUT/model (merged weights) at the end")
+    progress: bool = True
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        from dpolab.losses import LOSSES
+
+        try:
+            return LOSSES.check(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _loss_args_fit(self) -> "TrainConfig":
+        from dpolab.losses import loss_options
+
+        valid = {k: v for k, v in loss_options(self.loss).items() if k != "beta"}
+        unknown = sorted(set(self.loss_args) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"loss {self.loss!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
+            )
+        if self.reference == "adapter" and not self.lora:
+            raise ValueError("reference 'adapter' needs lora: true")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+
+def _format_errors(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {where!r}; valid keys: {', '.join(model.model_fields)}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], dict) else ""))
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A CLI override value, read as YAML: 3 -> int, 1e-5 -> float, true -> bool, [a, b] -> list."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def load_config(model: type[BaseModel], path: str | Path | None = None, overrides: dict[str, Any] | None = None, *, source: str | None = None):
+    """Build a config from a YAML file (optional) and overrides (dotted keys allowed: loss_args.alpha=1)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        data.update(loaded or {})
+    for key, value in (overrides or {}).items():
+        target = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, model, source or (str(path) if path else "(arguments)"))) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,185 @@
+"""Tokenization: a PreferencePair -> prompt / chosen / rejected token ids, rendered with the model's chat template.
+
+Rendering. prompt_ids = chat_template(prompt, add_generation_prompt=True): the prompt exactly as generation sees
+it, ending with the assistant header. A completion's ids are chat_template(prompt + [assistant answer]) minus
+that prefix, cut right after the end-of-turn token (so SmolLM2's trailing "\\n" after `<|im_end|>` is dropped and
+every completion ends with end_of_turn_id). The end-of-turn token is also the pad token in SmolLM2: downstream
+code must build masks from lengths, never by comparing against the pad id.
+
+Truncation policy. A pair's sequences are capped at `max_length` tokens, counting the prompt plus the longer of
+its two completions. Completions are never cut. When a pair is too long, tokens are dropped from the LEFT of the
+prompt, so the prompt keeps its end; but never from inside its last message and the assistant header that
+follows it (the final user turn and the generation prompt are always kept whole). A one-message prompt is
+therefore never cut, including anything the template puts before it (such as a default system prompt). If the
+prompt cannot be cut enough under that rule, the pair is invalid ("prompt too long to leave room for the
+completion"), and `dpolab data validate --model M --max-length L` lists it; a completion alone longer than
+max_length is invalid too. Truncated prompts are counted (TokenizedData.n_prompt_truncated) for the trainer's log.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from dpolab.data.schema import PreferencePair, format_problems
+from dpolab.errors import ConfigError, DataError
+
+# Bump when the rendering or truncation rules change: it is part of the reference-log-prob cache key.
+TOKENIZATION_VERSION = 1
+_SENTINEL = "\u2063dpolab-end-of-turn-probe\u2063"
+
+
+@dataclass
+class TokenizedPair:
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # completion tokens only, ending with the end-of-turn token
+    rejected_ids: list[int]
+    prompt_truncated: int  # tokens dropped from the left of the prompt (0 if none)
+    weight: float
+    score_chosen: float | None
+    score_rejected: float | None
+
+
+@dataclass(frozen=True)
+class TokenizationSettings:
+    """How pairs become token ids; part of the reference-log-prob cache key.
+
+    max_length: cap on prompt + the longer completion, in tokens; the prompt is cut from the left to fit.
+        None: no cap (validation uses it to check the template alone).
+    """
+
+    max_length: int | None = 1024
+
+    def __post_init__(self):
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")
+
+    def key(self) -> dict:
+        return {**asdict(self), "version": TOKENIZATION_VERSION}
+
+
+@dataclass
+class TokenizedData:
+    pairs: list[TokenizedPair]
+    n_prompt_truncated: int  # pairs whose prompt lost tokens on the left
+    fingerprint: str  # sha256 over settings + every pair's id and token ids: a cache key for reference log-probs
+
+
+class PairTokenizationError(DataError):
+    """One pair cannot be tokenized under the settings (too long, or the template misbehaves)."""
+
+    def __init__(self, pair: PreferencePair, field: str | None, reason: str):
+        self.pair, self.field, self.reason = pair, field, reason
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{pair.source or pair.id}: {what}{reason}")
+
+
+def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tokenize: bool = True):
+    # transformers 5 returns a BatchEncoding unless return_dict=False.
+    out = tokenizer.apply_chat_template(messages, tokenize=tokenize, return_dict=False, add_generation_prompt=add_generation_prompt)
+    return list(out) if tokenize else out
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template puts right after an assistant message (`<|im_end|>` for ChatML), else eos."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    text = _render(tokenizer, probe, add_generation_prompt=False, tokenize=False)
+    if _SENTINEL in text:
+        after = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+        if ids and ids[0] in tokenizer.all_special_ids:
+            return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise DataError("cannot tell the end-of-turn token: the chat template puts no special token after an answer and the tokenizer has no eos token")
+    return tokenizer.eos_token_id
+
+
+def _completion_ids(tokenizer, pair: PreferencePair, name: str, prompt_ids: list[int], eot: int) -> list[int]:
+    messages = pair.prompt + [{"role": "assistant", "content": getattr(pair, name)}]
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    if full[: len(prompt_ids)] == prompt_ids:
+        tail = full[len(prompt_ids):]
+    else:
+        # BPE can merge tokens across the prompt/answer boundary, so the token prefix may differ even though the
+        # text prefix matches. Fall back to tokenizing the answer's text on its own: prompt_ids stay exactly what
+        # generation sees, at the cost of the answer's first token possibly differing from the joint render.
+        prompt_text = _render(tokenizer, pair.prompt, add_generation_prompt=True, tokenize=False)
+        full_text = _render(tokenizer, messages, add_generation_prompt=False, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise PairTokenizationError(pair, name, "the chat template renders the prompt differently once an answer follows it; "
+                                        "dpolab needs the prompt render to be a prefix of the full conversation")
+        tail = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    n_eot = tail.count(eot)
+    token = tokenizer.convert_ids_to_tokens(eot)
+    if n_eot == 0:
+        raise PairTokenizationError(pair, name, f"the chat template did not end the answer with the end-of-turn token {token!r}")
+    if n_eot > 1:
+        raise PairTokenizationError(pair, name, f"the answer contains the end-of-turn token {token!r}")
+    return tail[: tail.index(eot) + 1]
+
+
+def _uncuttable_prompt_tokens(tokenizer, prompt: list[dict], prompt_ids: list[int]) -> int:
+    """How many prompt tokens at the end are protected: the last message plus the generation prompt."""
+    if len(prompt) < 2:
+        return len(prompt_ids)
+    try:
+        head = _render(tokenizer, prompt[:-1], add_generation_prompt=False)
+    except Exception:  # a template that refuses a conversation ending with an assistant turn: protect it all
+        return len(prompt_ids)
+    if prompt_ids[: len(head)] != head:
+        return len(prompt_ids)
+    return len(prompt_ids) - len(head)
+
+
+def tokenize_pair(pair: PreferencePair, tokenizer, settings: TokenizationSettings, *, eot: int | None = None) -> TokenizedPair:
+    """Tokenize one pair; raises PairTokenizationError (a DataError) if it cannot fit max_length.
+
+    eot: end_of_turn_id(tokenizer), when the caller has it already (it costs one template render).
+    """
+    eot = end_of_turn_id(tokenizer) if eot is None else eot
+    max_length = settings.max_length
+    prompt_ids = _render(tokenizer, pair.prompt, add_generation_prompt=True)
+    chosen_ids = _completion_ids(tokenizer, pair, "chosen", prompt_ids, eot)
+    rejected_ids = _completion_ids(tokenizer, pair, "rejected", prompt_ids, eot)
+    longest = max(len(chosen_ids), len(rejected_ids))
+    dropped = 0
+    if max_length is not None and len(prompt_ids) + longest > max_length:
+        if longest >= max_length:
+            name = "chosen" if len(chosen_ids) >= len(rejected_ids) else "rejected"
+            raise PairTokenizationError(pair, name, f"completion too long ({longest} tokens, max_length {max_length}); "
+                                        "completions are never truncated")
+        budget = max_length - longest
+        if budget < _uncuttable_prompt_tokens(tokenizer, pair.prompt, prompt_ids):
+            raise PairTokenizationError(pair, "prompt", "prompt too long to leave room for the completion "
+                                        f"(prompt {len(prompt_ids)} tokens, completion {longest} tokens, max_length {max_length})")
+        dropped = len(prompt_ids) - budget
+        prompt_ids = prompt_ids[dropped:]
+    return TokenizedPair(
+        id=pair.id,
+        prompt_ids=prompt_ids,
+        chosen_ids=chosen_ids,
+        rejected_ids=rejected_ids,
+        prompt_truncated=dropped,
+        weight=pair.weight,
+        score_chosen=pair.score_chosen,
+        score_rejected=pair.score_rejected,
+    )
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, settings: TokenizationSettings) -> TokenizedData:
+    """Tokenize every pair; raises one DataError listing every pair that cannot be tokenized."""
+    eot = end_of_turn_id(tokenizer)
+    out, errors = [], []
+    for pair in pairs:
+        try:
+            out.append(tokenize_pair(pair, tokenizer, settings, eot=eot))
+        except PairTokenizationError as exc:
+            errors.append(exc)
+    if errors:
+        raise DataError(f"{len(errors)} of {len(pairs)} pairs cannot be tokenized (check them first with "
+                        f"`dpolab data validate FILE --model M --max-length {settings.max_length}`):\n{format_problems(errors)}")
+    digest = hashlib.sha256(json.dumps(settings.key(), sort_keys=True).encode())
+    for t in out:
+        digest.update(json.dumps([t.id, t.prompt_ids, t.chosen_ids, t.rejected_ids]).encode())
+    return TokenizedData(pairs=out, n_prompt_truncated=sum(t.prompt_truncated > 0 for t in out), fingerprint=digest.hexdigest())

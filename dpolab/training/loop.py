@@ -1,0 +1,359 @@
+"""The training loop, the only one: preference pairs in; a trained model, metrics.jsonl and checkpoints out."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dpolab.config import TrainConfig, dump_config, load_config
+from dpolab.errors import ConfigError, TrainingError
+from dpolab.training.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
+from dpolab.training.logps import PairBatch, PairForward, collate_pairs
+from dpolab.training.reference import Reference, ReferenceCache, cache_key, compute_dataset_logps, model_fingerprint
+
+METRIC_KEYS = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s", "pairs_per_s")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    metrics: list[dict] = field(default_factory=list)  # one per optimizer step run in this call
+    model: torch.nn.Module | None = None  # the trained policy (merged under LoRA)
+    resumed_from: int | None = None
+    reference_reused: bool | None = None
+    n_pairs: int = 0
+    n_prompt_truncated: int = 0
+    n_skipped: int = 0
+
+
+def resolve_config(config: TrainConfig | dict | str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from an object, a dict or a YAML path, with keyword overrides on top."""
+    if isinstance(config, TrainConfig):
+        return load_config(TrainConfig, None, {**config.model_dump(), **overrides})
+    if isinstance(config, dict):
+        return load_config(TrainConfig, None, {**config, **overrides})
+    return load_config(TrainConfig, config, overrides)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at scheduler step s: linear warmup, then linear/cosine/constant."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+class DataOrder:
+    """Which pair goes where: an endless stream of per-epoch permutations, cut into global batches.
+
+    Batch s is stream positions [s*B, (s+1)*B), so a resumed run sees exactly the pairs it would have
+    seen, and no pair is dropped at an epoch boundary.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, seed: int, shuffle: bool):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        return [self._perm(k // self.n)[k % self.n] for k in range(start, start + self.batch_size)]
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)
+
+
+def _save_final(out: Path, policy, tokenizer, *, lora: bool) -> torch.nn.Module:
+    """OUT/model loads with AutoModelForCausalLM.from_pretrained; under LoRA it holds merged weights, OUT/adapter the adapter."""
+    def write(name: str, save: Callable[[Path], None]) -> None:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+        try:
+            save(tmp)
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            os.replace(tmp, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if lora:
+        write("adapter", lambda p: policy.save_pretrained(p))
+        policy = policy.merge_and_unload()
+    write("model", lambda p: (policy.save_pretrained(p, safe_serialization=True), tokenizer.save_pretrained(p)))
+    return policy
+
+
+def _rewrite_metrics(path: Path, upto: int) -> None:
+    """Keep only the metric lines of steps a resumed run will not redo."""
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= upto]
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def batch_loss(forward, reference: Reference, batch: PairBatch, *, policy, loss: str, sft_weight: float = 0.0,
+               loss_kwargs: dict | None = None):
+    """Policy log-probs (b, 2) [chosen, rejected] and the per-pair LossOutput of one micro-batch."""
+    from dpolab.losses import SequenceLogps, compute_loss
+
+    logps = forward(batch).view(-1, 2)  # (b, 2)
+    ref = reference(batch, policy=policy)
+    ref = None if ref is None else ref.view(-1, 2)  # (b, 2)
+    lens = batch.completion_lens.view(-1, 2).to(logps.dtype)  # (b, 2)
+    lp = SequenceLogps(chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=lens[:, 0], rejected_tokens=lens[:, 1],
+                       ref_chosen=None if ref is None else ref[:, 0], ref_rejected=None if ref is None else ref[:, 1],
+                       score_chosen=batch.score_chosen, score_rejected=batch.score_rejected)
+    return logps, compute_loss(loss, lp, sft_weight=sft_weight, **(loss_kwargs or {}))
+
+
+def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: str | Path | None = None,
+          on_step: Callable[[int, dict], None] | None = None, **overrides: Any) -> TrainResult:
+    """Train a DPO-family method. Python twin of `dpolab train`.
+
+    config: a TrainConfig, a dict, or a YAML path; overrides are config keys (model=..., data=..., loss=...).
+    resume: an OUT folder of an earlier run; continues from its newest checkpoint with its saved config.
+    on_step: called as on_step(step, metrics) after every optimizer step, on every process.
+    """
+    from dpolab.data import TokenizationSettings, read_pairs, tokenize_pairs
+    from dpolab.losses import needs_reference
+    from dpolab.models import dpolab_home, load_model, load_tokenizer
+    from dpolab.models.adapt import count_parameters, prepare_for_training
+
+    if resume is not None:
+        saved = Path(resume) / "config.yaml"
+        if not saved.exists():
+            raise ConfigError(f"cannot resume: {saved} does not exist (was {resume} written by dpolab train?)")
+        cfg = resolve_config(saved, **{**overrides, "out": str(resume)})
+    else:
+        cfg = resolve_config(config, **overrides)
+    if not cfg.data:
+        raise ConfigError("no training data: give --data FILE (or data: in the config)")
+    if not cfg.out:
+        raise ConfigError("no output folder: give --out DIR (or out: in the config)")
+    out = Path(cfg.out)
+    checkpoints = list_checkpoints(out)
+    if resume is None and (checkpoints or (out / "metrics.jsonl").exists()):
+        raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+
+    accelerator = _accelerator()
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world * cfg.grad_accum}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not is_main)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+
+    # data
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    pairset = read_pairs(cfg.data, tokenizer=tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
+    if pairset.n_skipped:
+        console.print(f"[yellow]skipped {pairset.n_skipped} invalid row(s) of {pairset.n_rows} in {cfg.data}")
+    settings = TokenizationSettings(max_length=cfg.max_length)
+    data = tokenize_pairs(pairset.pairs, tokenizer, settings)
+    n = len(data.pairs)
+    if data.n_prompt_truncated:
+        console.print(f"truncated the start of {data.n_prompt_truncated} prompt(s) of {n} to fit max_length {cfg.max_length}")
+    pad_id = tokenizer.pad_token_id
+
+    # model and reference
+    loaded = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=accelerator.device)
+    model = loaded.model.eval()  # dropout off in policy and reference alike, as the reference log-probs assume
+    beta_kw = {} if cfg.beta is None else {"beta": cfg.beta}
+    loss_kwargs = {**beta_kw, **cfg.loss_args}
+    kind = cfg.reference if needs_reference(cfg.loss) else "none"
+    if kind == "auto":
+        kind = "cached"
+    order = DataOrder(n, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+    per_rank = cfg.batch_size // world
+    micro = per_rank // cfg.grad_accum
+
+    def batches_of(indices: list[int]):
+        # Sorted by length so each micro-batch holds similar lengths: less padding, same gradient.
+        indices = sorted(indices, key=lambda i: (len(data.pairs[i].prompt_ids), i))
+        for s in range(0, len(indices), micro):
+            chunk = indices[s : s + micro]
+            yield collate_pairs([data.pairs[i] for i in chunk], pad_id=pad_id, index=chunk).to(accelerator.device)
+
+    reference_reused = None
+    if kind == "cached":
+        key = cache_key(model_fp=model_fingerprint(model), data_fp=data.fingerprint, settings=settings.key())
+        cache = ReferenceCache(dpolab_home() / "reference-logps")
+        with _progress(cfg.progress and is_main) as bar:
+            task = bar.add_task("reference log-probs", total=n, info="")
+            table, reference_reused = cache.get_or_compute(
+                key,
+                lambda: compute_dataset_logps(model, batches_of(list(range(n))), mode=cfg.forward, chunk_tokens=cfg.chunk_tokens,
+                                              n=n, on_batch=lambda k: bar.advance(task, k)),
+                meta={"model": cfg.model, "data": cfg.data, "pairs": n},
+            )
+        if reference_reused:
+            console.print("reference log-probs: reused from the cache")
+        reference = Reference("cached", table=table)
+    elif kind == "frozen":
+        reference = Reference.frozen_copy(model, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens)
+    else:
+        reference = Reference(kind, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens)
+
+    model = prepare_for_training(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, freeze_layers=cfg.freeze_layers)
+    trainable, total_params = count_parameters(model)
+    console.print(f"{cfg.model}: training {trainable:,} of {total_params:,} parameters; loss {cfg.loss}; reference {kind}; {n} pairs")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
+
+    start = 0
+    resumed_from = None
+    if resume is not None and checkpoints:
+        state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+        start = resumed_from = state["step"]
+        console.print(f"resuming {out} from step {start} of {total_steps}")
+    if is_main:
+        _rewrite_metrics(out / "metrics.jsonl", start)
+        _rewrite_metrics(out / "pairs.jsonl", start)
+
+    forward, optimizer = accelerator.prepare(PairForward(model, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens), optimizer)
+    result = TrainResult(out=out, steps=start, resumed_from=resumed_from, reference_reused=reference_reused, n_pairs=n,
+                         n_prompt_truncated=data.n_prompt_truncated, n_skipped=pairset.n_skipped)
+    saved_step = start
+
+    def checkpoint(step: int) -> None:
+        nonlocal saved_step
+        if is_main:
+            save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            extra={"data_position": step * cfg.batch_size, "total_steps": total_steps}, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        saved_step = step
+
+    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
+    pairs_file = open(out / "pairs.jsonl", "a", encoding="utf-8") if is_main else None
+    try:
+        with _progress(cfg.progress and is_main) as bar:
+            task = bar.add_task("training", total=total_steps, completed=start, info="")
+            for step in range(start, total_steps):
+                t0 = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]
+                mine = order.batch(step)[rank * per_rank : (rank + 1) * per_rank]
+                rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "cr", "rr", "lc", "lr_", "w", "idx")}
+                n_tokens = 0
+                for m, batch in enumerate(batches_of(mine)):
+                    sync = contextlib.nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(forward)
+                    with sync:
+                        logps, res = batch_loss(forward, reference, batch, policy=model, loss=cfg.loss,
+                                                sft_weight=cfg.sft_weight, loss_kwargs=loss_kwargs)
+                        bad = ~torch.isfinite(res.losses)
+                        if bad.any():
+                            ids = [batch.ids[i] for i in bad.nonzero().flatten().tolist()]
+                            raise TrainingError(f"non-finite loss at step {step + 1} for pair(s) {', '.join(ids)}; "
+                                                f"lower the learning rate or check these pairs")
+                        accelerator.backward((res.losses * batch.weights).sum() / per_rank)
+                    n_tokens += batch.n_tokens
+                    for k, v in zip(rows, (res.losses, res.chosen_rewards, res.rejected_rewards, logps[:, 0], logps[:, 1], batch.weights, batch.index)):
+                        rows[k].append(v.detach().float() if k != "idx" else v)
+                if cfg.max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+                if not torch.isfinite(torch.as_tensor(grad_norm)):
+                    ids = [data.pairs[i].id for i in order.batch(step)]
+                    raise TrainingError(f"non-finite gradient norm at step {step + 1}; pairs in the batch: {', '.join(ids)}")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                g = {k: accelerator.gather(torch.cat(v).to(accelerator.device)).cpu() for k, v in rows.items()}
+                tokens = int(accelerator.reduce(torch.tensor(n_tokens, device=accelerator.device), "sum"))
+                dt = time.perf_counter() - t0
+                metrics = {
+                    "step": step + 1,
+                    "loss": float((g["loss"] * g["w"]).mean()),
+                    "rewards/chosen": float(g["cr"].mean()),
+                    "rewards/rejected": float(g["rr"].mean()),
+                    "rewards/margins": float((g["cr"] - g["rr"]).mean()),
+                    "rewards/accuracies": float((g["cr"] > g["rr"]).float().mean()),
+                    "logps/chosen": float(g["lc"].mean()),
+                    "logps/rejected": float(g["lr_"].mean()),
+                    "grad_norm": float(grad_norm),
+                    "lr": lr,
+                    "tokens_per_s": tokens / dt,
+                    "pairs_per_s": cfg.batch_size / dt,
+                    "epoch": (step + 1) * cfg.batch_size / n,
+                }
+                if is_main:
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                    for j, i in enumerate(g["idx"].tolist()):
+                        p = data.pairs[i]
+                        src = pairset.pairs[i]
+                        pairs_file.write(json.dumps({"step": step + 1, "id": p.id, "loss": float(g["loss"][j]), "reward_chosen": float(g["cr"][j]),
+                                                     "reward_rejected": float(g["rr"][j]), "weight": p.weight, "score_chosen": p.score_chosen,
+                                                     "score_rejected": p.score_rejected, "meta": src.meta}) + "\n")
+                    pairs_file.flush()
+                result.metrics.append(metrics)
+                result.steps = step + 1
+                bar.update(task, advance=1, info=f"loss {metrics['loss']:.4f} margin {metrics['rewards/margins']:+.3f}")
+                if on_step is not None:
+                    on_step(step + 1, metrics)
+                if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+                    checkpoint(step + 1)
+    except KeyboardInterrupt:
+        if result.steps > saved_step:
+            checkpoint(result.steps)
+        console.print(f"[yellow]interrupted after step {result.steps}; continue with: dpolab train --resume {out}")
+        raise
+    finally:
+        for f in (metrics_file, pairs_file):
+            if f is not None:
+                f.close()
+
+    policy = accelerator.unwrap_model(forward).model
+    if cfg.save_model and is_main:
+        policy = _save_final(out, policy, tokenizer, lora=cfg.lora)
+    accelerator.wait_for_everyone()
+    result.model = policy
+    if is_main:
+        summary = {"steps": result.steps, "pairs": n, "prompts_truncated": data.n_prompt_truncated, "rows_skipped": pairset.n_skipped,
+                   "reference": kind, "reference_reused": reference_reused, "final": result.metrics[-1] if result.metrics else None}
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    return result
