@@ -13,7 +13,7 @@ from dpolab.errors import DataError
 @dataclass
 class PairSet:
     pairs: list[PreferencePair]  # the good rows, in file order
-    problems: list[Problem]  # every problem found: file-level ones (line None) first, then per row
+    problems: list[Problem]  # every problem found: those about the whole file first, then row by row
     n_rows: int  # rows in the file, good and bad
     n_skipped: int  # rows left out of `pairs` because they have problems
 
@@ -24,6 +24,8 @@ def check_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = No
     tokenizer: also render each pair with its chat template (catches answers that contain the end-of-turn token).
     max_length: with a tokenizer, flag pairs whose prompt cannot be cut to fit (see dpolab.data.tokenization).
     """
+    if max_length is not None and tokenizer is None:
+        raise DataError("max_length needs a tokenizer to count tokens")
     raw = read_raw(path)
     problems = list(raw.problems)
     pairs: list[PreferencePair] = []

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
 KNOWN_FIELDS = ("id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "weight", "meta")
 MAX_LISTED_PROBLEMS = 50
+_LOOKS_LIKE_MESSAGES = re.compile(r"\s*\[\s*\{")
 
 
 @dataclass
@@ -115,7 +117,10 @@ class _RowChecker:
         if self.text_cells and isinstance(value, str) and value.lstrip().startswith("["):
             try:
                 parsed = json.loads(value)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as exc:
+                if _LOOKS_LIKE_MESSAGES.match(value):
+                    self.bad(name, f"looks like a JSON list of messages but is not valid JSON: {exc.msg} (column {exc.colno})")
+                    return None
                 parsed = None  # text that merely starts with "[": keep it as a string
             if isinstance(parsed, list):
                 value = parsed

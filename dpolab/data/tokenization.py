@@ -21,12 +21,13 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from jinja2 import TemplateError
+
 from dpolab.data.schema import PreferencePair, format_problems
 from dpolab.errors import ConfigError, DataError
 
 # Bump when the rendering or truncation rules change: it is part of the reference-log-prob cache key.
 TOKENIZATION_VERSION = 1
-_SENTINEL = "\u2063dpolab-end-of-turn-probe\u2063"
 
 
 @dataclass
@@ -82,17 +83,17 @@ def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool, tok
 
 
 def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template puts right after an assistant message (`<|im_end|>` for ChatML), else eos."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
-    text = _render(tokenizer, probe, add_generation_prompt=False, tokenize=False)
-    if _SENTINEL in text:
-        after = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
-        ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-        if ids and ids[0] in tokenizer.all_special_ids:
-            return ids[0]
-    if tokenizer.eos_token_id is None:
-        raise DataError("cannot tell the end-of-turn token: the chat template puts no special token after an answer and the tokenizer has no eos token")
-    return tokenizer.eos_token_id
+    """The token that closes an assistant turn in the chat template (`<|im_end|>` for ChatML).
+
+    It is the one generation stops at: both come from dpolab.models.generate, so what training teaches the model
+    to emit and what generation waits for cannot drift apart.
+    """
+    from dpolab.models.generate import end_of_turn_id as find  # lazy: only needed once a tokenizer (and torch) is loaded
+
+    try:
+        return find(tokenizer)
+    except (TemplateError, ValueError) as exc:
+        raise DataError(f"the chat template cannot render a user + assistant exchange: {exc}") from None
 
 
 def _completion_ids(tokenizer, pair: PreferencePair, name: str, prompt_ids: list[int], eot: int) -> list[int]:
@@ -111,11 +112,10 @@ def _completion_ids(tokenizer, pair: PreferencePair, name: str, prompt_ids: list
                                         "dpolab needs the prompt render to be a prefix of the full conversation")
         tail = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     n_eot = tail.count(eot)
-    token = tokenizer.convert_ids_to_tokens(eot)
-    if n_eot == 0:
-        raise PairTokenizationError(pair, name, f"the chat template did not end the answer with the end-of-turn token {token!r}")
-    if n_eot > 1:
-        raise PairTokenizationError(pair, name, f"the answer contains the end-of-turn token {token!r}")
+    if n_eot != 1:
+        token = tokenizer.convert_ids_to_tokens(eot)
+        reason = "the answer contains" if n_eot else "the chat template did not end the answer with"
+        raise PairTokenizationError(pair, name, f"{reason} the end-of-turn token {token!r}")
     return tail[: tail.index(eot) + 1]
 
 
@@ -125,7 +125,7 @@ def _uncuttable_prompt_tokens(tokenizer, prompt: list[dict], prompt_ids: list[in
         return len(prompt_ids)
     try:
         head = _render(tokenizer, prompt[:-1], add_generation_prompt=False)
-    except Exception:  # a template that refuses a conversation ending with an assistant turn: protect it all
+    except (TemplateError, ValueError):  # a template that refuses a conversation ending with an assistant turn
         return len(prompt_ids)
     if prompt_ids[: len(head)] != head:
         return len(prompt_ids)
@@ -139,9 +139,12 @@ def tokenize_pair(pair: PreferencePair, tokenizer, settings: TokenizationSetting
     """
     eot = end_of_turn_id(tokenizer) if eot is None else eot
     max_length = settings.max_length
-    prompt_ids = _render(tokenizer, pair.prompt, add_generation_prompt=True)
-    chosen_ids = _completion_ids(tokenizer, pair, "chosen", prompt_ids, eot)
-    rejected_ids = _completion_ids(tokenizer, pair, "rejected", prompt_ids, eot)
+    try:
+        prompt_ids = _render(tokenizer, pair.prompt, add_generation_prompt=True)
+        chosen_ids = _completion_ids(tokenizer, pair, "chosen", prompt_ids, eot)
+        rejected_ids = _completion_ids(tokenizer, pair, "rejected", prompt_ids, eot)
+    except (TemplateError, ValueError) as exc:  # templates may raise_exception() on role orders they do not allow
+        raise PairTokenizationError(pair, None, f"the chat template rejects this conversation: {exc}") from None
     longest = max(len(chosen_ids), len(rejected_ids))
     dropped = 0
     if max_length is not None and len(prompt_ids) + longest > max_length:

@@ -102,14 +102,17 @@ class HFChatModel:
     loaded: from `dpolab.models.load_model` (anything with .model, .tokenizer, .name).
     batch_size: conversations per `generate` call; larger is faster on CPU until padding and memory bite.
     score_batch_size: sequences per scoring forward pass.
+    share_prefix: score the candidate replies of a conversation on one KV cache of the conversation
+        (`scoring.grouped_continuation_logprobs`) instead of re-running the conversation for each candidate.
     """
 
-    def __init__(self, loaded, *, batch_size: int = 16, score_batch_size: int = 16):
+    def __init__(self, loaded, *, batch_size: int = 16, score_batch_size: int = 32, share_prefix: bool = True):
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.batch_size = batch_size
         self.score_batch_size = score_batch_size
+        self.share_prefix = share_prefix
         self.end_of_turn_id = end_of_turn_id(self.tokenizer)
         stops = [self.end_of_turn_id]
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in stops:
@@ -194,19 +197,15 @@ class HFChatModel:
     ) -> list[list[float]]:
         if len(conversations) != len(continuations):
             raise ValueError("one list of continuations per conversation")
-        prompts, conts, owner = [], [], []
-        for i, (conv, texts) in enumerate(zip(conversations, continuations)):
-            p = self.prompt_ids(conv)
-            for text in texts:
-                prompts.append(p)
-                conts.append(self._ids(text))
-                owner.append(i)
-        flat = scoring.continuation_logprobs(self.model, prompts, conts, pad_id=self.pad_id,
-                                             batch_size=self.score_batch_size)
-        out: list[list[float]] = [[] for _ in conversations]
-        for i, lp in zip(owner, flat):
-            out[i].append(lp)
-        return out
+        prompts = [self.prompt_ids(c) for c in conversations]
+        conts = [[self._ids(t) for t in texts] for texts in continuations]
+        if self.share_prefix:
+            return scoring.grouped_continuation_logprobs(self.model, prompts, conts, pad_id=self.pad_id,
+                                                         batch_size=self.score_batch_size)
+        flat_p = [p for p, cs in zip(prompts, conts) for _ in cs]
+        flat = iter(scoring.continuation_logprobs(self.model, flat_p, [c for cs in conts for c in cs],
+                                                  pad_id=self.pad_id, batch_size=self.score_batch_size))
+        return [[next(flat) for _ in cs] for cs in conts]
 
     def candidate_ids(self, candidates: Sequence[str]) -> list[int]:
         """The single token id of each candidate string; refuses candidates that are not one distinct token."""
@@ -230,4 +229,4 @@ class HFChatModel:
 
     def score_texts(self, texts: Sequence[str]) -> list[TextScore]:
         rows = [self._ids(t) for t in texts]
-        return scoring.text_scores(self.model, rows, pad_id=self.pad_id, batch_size=max(1, self.score_batch_size // 4))
+        return scoring.text_scores(self.model, rows, pad_id=self.pad_id, batch_size=max(1, self.score_batch_size // 8))

@@ -87,6 +87,61 @@ def continuation_logprobs(
 
 
 @torch.inference_mode()
+def grouped_continuation_logprobs(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    *,
+    pad_id: int,
+    batch_size: int = 32,
+) -> list[list[float]]:
+    """Summed log p(continuation | prompt) for several continuations of each prompt, running each prompt once.
+
+    The prompts (e.g. a long dialogue history) go through the model once with a KV cache; the cache rows are
+    repeated for each of the prompt's continuations (e.g. the options of a question), which then run as one
+    short right-padded batch on top of it. Equal to `continuation_logprobs` on the concatenations, at a
+    fraction of the cost when prompts are long and continuations short.
+
+    batch_size: continuation rows per forward pass; prompts per pass = batch_size // (continuations per prompt).
+    """
+    out: list[list[float]] = [[0.0] * len(c) for c in continuations]
+    widest = max((len(c) for c in continuations), default=1) or 1
+    for batch in _batches(_by_length([len(p) for p in prompts]), max(1, batch_size // widest)):
+        owner = [b for b, i in enumerate(batch) for _ in continuations[i]]
+        conts = [list(c) for i in batch for c in continuations[i]]
+        if not conts:
+            continue
+        ids, mask = left_pad([prompts[i] for i in batch], pad_id)  # (B, T)
+        pos = positions(mask)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        sel = torch.tensor(owner, dtype=torch.long)  # (R,) prompt row of each continuation row
+        first = res.logits[:, -1].float().log_softmax(-1)[sel]  # (R, V): predicts each continuation's 1st token
+        width = max(len(c) for c in conts)
+        cids = torch.full((len(conts), max(width, 1)), pad_id, dtype=torch.long)  # (R, W) right-padded
+        cmask = torch.zeros_like(cids)
+        for r, c in enumerate(conts):
+            if c:
+                cids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+                cmask[r, : len(c)] = 1
+        tok = torch.zeros_like(cids, dtype=torch.float)  # (R, W) log-prob of each continuation token
+        tok[:, 0] = first.gather(-1, cids[:, :1]).squeeze(-1)
+        if width > 1:
+            cache = res.past_key_values
+            cache.reorder_cache(sel)  # repeat each prompt's cache rows once per continuation
+            cpos = pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
+            logits = model(input_ids=cids, attention_mask=torch.cat([mask[sel], cmask], dim=1), position_ids=cpos,
+                           past_key_values=cache, use_cache=True).logits  # (R, W, V)
+            tok[:, 1:] = logits[:, :-1].float().log_softmax(-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
+        tok = tok * cmask  # (R, W) zero beyond each continuation's end
+        r = 0
+        for i in batch:
+            for j in range(len(continuations[i])):
+                out[i][j] = float(tok[r].sum())
+                r += 1
+    return out
+
+
+@torch.inference_mode()
 def next_token_logprobs(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],

@@ -237,7 +237,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
     model = prepare_for_training(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, freeze_layers=cfg.freeze_layers)
     trainable, total_params = count_parameters(model)
-    console.print(f"{cfg.model}: training {trainable:,} of {total_params:,} parameters; loss {cfg.loss}; reference {kind}; {n} pairs")
+    console.print(f"{cfg.model}: training {trainable:,} of {total_params:,} parameters; loss {cfg.loss}; reference {kind}; "
+                  f"{n} pairs; {world} process(es) on {accelerator.device}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n / cfg.batch_size))

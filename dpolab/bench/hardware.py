@@ -1,0 +1,64 @@
+"""This machine: what it is (CPU, cores, RAM, library versions) and how fast it multiplies fp32 matrices."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+
+def matmul_peak_flops(*, n: int = 2048, reps: int = 7, threads: int | None = None) -> float:
+    """Median FLOP/s of an n x n @ n x n fp32 matmul (2 n^3 FLOPs each), after one warm-up, at `threads` threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g)  # (n, n)
+        b = torch.randn(n, n, generator=g)  # (n, n)
+        torch.mm(a, b)  # warm-up: thread pool start, page faults
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        return 2 * n**3 / statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def describe(threads: int) -> dict:
+    """The `hardware` block of a benchmark result."""
+    import torch
+    import transformers
+
+    info = {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "ram_gb": _ram_gb(), "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        info["trl"] = None
+    return info

@@ -1,0 +1,73 @@
+"""The command line: train on the tiny model, config errors, help text read from the registries."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dpolab.cli import app
+from tests.test_train import persuasion_rows
+
+runner = CliRunner()
+
+
+def _data(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in persuasion_rows()))
+    return path
+
+
+def test_train_command_runs_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOLAB_HOME", str(tmp_path / "home"))
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--out", str(tmp_path / "o"),
+            "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--set", "progress=false"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "done: 2 steps" in result.output
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "o")])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_train_help_lists_every_loss():
+    from dpolab.losses import LOSSES
+
+    result = runner.invoke(app, ["train", "--help"], terminal_width=400)
+    assert all(name in result.output for name in LOSSES.names())
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    from dpolab.config import TrainConfig, load_config
+    from dpolab.errors import ConfigError
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("lrr: 0.1\nloss: dpo\n")
+    try:
+        load_config(TrainConfig, cfg)
+    except ConfigError as exc:
+        msg = str(exc)
+    assert "unknown key 'lrr'" in msg and "batch_size" in msg and str(cfg) in msg
+
+
+def test_bad_loss_and_bad_type_fail_clearly(tmp_path):
+    from dpolab.config import TrainConfig, load_config
+    from dpolab.errors import ConfigError
+    import pytest
+
+    with pytest.raises(ConfigError, match="did you mean 'ipo'"):
+        load_config(TrainConfig, None, {"loss": "ipoo"})
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(TrainConfig, None, {"batch_size": "eight"})
+    with pytest.raises(ConfigError, match="valid: alpha, clamp, min_gap"):
+        load_config(TrainConfig, None, {"loss": "odpo", "loss_args": {"alpah": 1}})
+
+
+def test_cli_user_error_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "a"}\n')
+    proc = subprocess.run([sys.executable, "-m", "dpolab", "train", "--model", "/nonexistent/model", "--data", str(bad),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "error:" in proc.stderr
