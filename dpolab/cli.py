@@ -40,6 +40,37 @@ def data_validate(
     typer.secho(f"{file}: {result.n_rows} rows, all valid", fg=typer.colors.GREEN)
 
 
+@bench_app.command("train")
+def bench_train(
+    steps: int = typer.Option(8, "--steps", min=1, help="optimizer steps per system and workload"),
+    json_path: str | None = typer.Option(None, "--json", help="also write the result as JSON to this file"),
+    workloads: str = typer.Option("persuasion,short", "--workloads", help="comma-separated: persuasion, short"),
+    pairs: int | None = typer.Option(None, "--pairs", min=1, help="pairs per workload (default: steps x batch size, each used once)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="pairs per optimizer step"),
+    systems: str = typer.Option("dpolab,trl-default,trl-precompute", "--systems",
+                                help="comma-separated: dpolab, dpolab-concat, trl-default, trl-precompute"),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="built-in name or local Hugging Face folder (full fine-tuning)"),
+    lr: float = typer.Option(5e-6, "--lr", help="learning rate, the same for every system"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads in every system (default: torch's choice)"),
+    length_tokenizer: str | None = typer.Option(None, "--length-tokenizer", help="count workload lengths with this model's tokenizer (default: --model's)"),
+    keep: str | None = typer.Option(None, "--keep", help="keep the pairs, logs and outputs in this folder"),
+) -> None:
+    """dpolab's trainer against TRL's DPOTrainer: pairs/s, peak memory, per-step loss agreement, model FLOP/s."""
+    import json
+
+    from dpolab.bench.train import BenchSettings, format_table, run_bench
+
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    settings = BenchSettings(model=model, workloads=split(workloads), systems=split(systems), steps=steps, pairs=pairs,
+                             batch_size=batch_size, lr=lr, threads=threads, length_tokenizer=length_tokenizer)
+    result = run_bench(settings, keep=keep, echo=lambda line: typer.echo(line, err=True))
+    typer.echo(format_table(result))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        typer.echo(f"wrote {json_path}")
+
+
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, with no traceback."""
     try:
@@ -89,3 +120,130 @@ def train(
         raise typer.Exit(130) from None
     last = result.metrics[-1] if result.metrics else {}
     typer.echo(f"done: {result.steps} steps -> {result.out}" + (f"; final loss {last['loss']:.4f}, margin {last['rewards/margins']:+.4f}" if last else ""))
+
+
+@app.command()
+def run(
+    spec: str = typer.Argument(None, help="experiment spec (YAML); default: the built-in default experiment"),
+    out: str = typer.Option(None, help="output folder (default runs/experiment-<time>)"),
+    quick: bool = typer.Option(False, "--quick", help="the spec's small variant (minutes, not half an hour)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out, skipping finished cells"),
+) -> None:
+    """Does DPO improve or harm the model? Train every (context, method, seed) cell, evaluate, compare, report."""
+    import time
+
+    from dpolab.experiment.runner import run_experiment
+    from dpolab.experiment.spec import load_spec
+
+    if resume and out is None:
+        raise typer.BadParameter("--resume needs --out DIR", param_hint="--resume")
+    loaded = load_spec(spec, quick=quick)
+    out = out or f"runs/experiment-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        report = run_experiment(loaded, out, resume=resume, quick=quick)
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
+                    + (" --quick" if quick else ""), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    from dpolab.experiment.summary import print_matrix
+
+    print_matrix(report.rows)
+
+
+@app.command()
+def compare(
+    dir_a: str = typer.Argument(..., help="an experiment folder (with results.parquet)"),
+    dir_b: str = typer.Argument(..., help="another experiment folder"),
+    all_rows: bool = typer.Option(False, "--all", help="show every metric, not only those whose verdict or value differs"),
+) -> None:
+    """Show what differs between two experiment runs: verdicts, values and metrics present in only one."""
+    from dpolab.experiment.summary import compare_runs
+
+    compare_runs(dir_a, dir_b, show_all=all_rows)
+
+
+def _probe_help() -> str:
+    from dpolab.probes import PROBES
+
+    return f"comma-separated probes: {', '.join(PROBES.names())}"
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="built-in name, Hugging Face folder, or hub id"),
+    out: str = typer.Option(..., "--out", help="folder for summary.json and the per-probe Parquet files"),
+    probes: str | None = typer.Option(None, "--probes", help=_probe_help() + " (default: all)"),
+    items: str | None = typer.Option(None, "--items", help="MCQ items JSONL (id, domain, category, question, options, answer[, target, source]) instead of the shipped test split; all its items are used"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most N items, prompts or instructions per probe"),
+    stance: str = typer.Option("auto", "--stance", help="how MCQ answers are read: auto, letter or cloze"),
+    seed: int = typer.Option(0, "--seed", help="seeds sampling, item selection and bootstrap"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="conversations per generate call"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),
+    set_: list[str] = typer.Option([], "--set", help="probe option: --set persuasion.turns=2 --set toxicity.k=4"),
+    all_metrics: bool = typer.Option(False, "--all-metrics", help="print the by-technique/domain/category breakdowns too"),
+) -> None:
+    """Measure a model's behaviours (persuasion, sycophancy, toxicity, verbosity, knowledge, self-report) with CIs."""
+    from rich.console import Console
+
+    from dpolab.config import parse_value
+    from dpolab.probes import run_eval
+    from dpolab.probes.run import RichProgress, summary_table
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    sizes: dict[str, dict] = {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        probe, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise typer.BadParameter(f"expected PROBE.OPTION=VALUE, got {item!r}", param_hint="--set")
+        sizes.setdefault(probe.strip(), {})[option.strip()] = parse_value(value)
+    console = Console(stderr=True)
+    with RichProgress(console=console) as bars:
+        summary = run_eval(model, probes=probes, items=items, limit=limit, out=out, seed=seed, sizes=sizes,
+                           stance=stance, batch_size=batch_size, progress=bars)
+    Console().print(summary_table(summary, headline_only=not all_metrics))
+    typer.echo(f"wrote {out}/summary.json and per-probe Parquet files ({summary['wall_time_s']['total']:.0f} s)")
+
+
+@bench_app.command("eval")
+def bench_eval_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="built-in name or local Hugging Face folder"),
+    n_items: int = typer.Option(4, "--items", min=1, help="test items; each runs once per technique"),
+    techniques: str | None = typer.Option(None, "--techniques", help="comma-separated appeal techniques (default: all 7)"),
+    turns: int = typer.Option(3, "--turns", min=1, help="persuasion turns after turn 0"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=1, help="bound on each reply"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="dialogues per generate call in the batched run"),
+    reader: str = typer.Option("cloze", "--reader", help="stance reader for both runs: cloze or letter"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),
+    json_path: str | None = typer.Option(None, "--json", help="also write the result as JSON to this file"),
+) -> None:
+    """The persuasion probe, all dialogues batched, against one dialogue at a time: speedup and transcript identity."""
+    import json
+
+    from rich.console import Console
+
+    from dpolab.probes.bench import bench_eval
+    from dpolab.probes.items import TECHNIQUES
+    from dpolab.probes.run import RichProgress
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    techs = tuple(t.strip() for t in techniques.split(",") if t.strip()) if techniques else TECHNIQUES
+    with RichProgress(console=Console(stderr=True)) as bars:
+        result = bench_eval(model, n_items=n_items, techniques=techs, turns=turns, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, reader=reader, progress=bars)
+    r = result.to_json()
+    typer.echo(f"{r['dialogues']} dialogues x {r['turns']} turns, {r['reader']} reader")
+    typer.echo(f"  batched (batch {r['batch_size']}): {r['batched_s']:8.1f} s  {r['batched_dialogues_per_s']:.3f} dialogues/s")
+    typer.echo(f"  one at a time:      {r['sequential_s']:8.1f} s  {r['sequential_dialogues_per_s']:.3f} dialogues/s")
+    typer.echo(f"  speedup {r['speedup']:.2f}x; identical transcripts {r['identical_transcripts']}/{r['dialogues']}, "
+               f"identical stances {r['identical_stances']}/{r['dialogues']}")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(r, f, indent=2)
+        typer.echo(f"wrote {json_path}")

@@ -91,12 +91,31 @@ class TrainConfig(StrictModel):
         return self
 
 
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The (nested) config class that owns the key at `loc`, for listing its valid keys."""
+    import typing
+
+    current = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue  # a dict key or list index: stay with the value type found below
+        annotation = field.annotation
+        args = typing.get_args(annotation)
+        candidates = [annotation, *args, *(a for arg in args for a in typing.get_args(arg))]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if nested:
+            current = nested[0]
+    return current
+
+
 def _format_errors(exc: ValidationError, model: type[BaseModel], source: str) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key {where!r}; valid keys: {', '.join(model.model_fields)}")
+            owner = _model_at(model, err["loc"])
+            lines.append(f"unknown key {where!r}; valid keys: {', '.join(owner.model_fields)}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], dict) else ""))

@@ -71,3 +71,21 @@ def test_cli_user_error_has_no_traceback(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def test_readme_documents_every_loss():
+    from pathlib import Path
+
+    from dpolab.losses import LOSSES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert all(f"| `{name}` |" in readme for name in LOSSES.names())
+
+
+def test_shipped_train_configs_validate():
+    from pathlib import Path
+
+    from dpolab.config import TrainConfig, load_config
+
+    for path in (Path(__file__).parent.parent / "configs").glob("train*.yaml"):
+        load_config(TrainConfig, path)

@@ -245,3 +245,21 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, pairs_file,
     _run(tiny_model_dir, pairs_file, tmp_path / "b", max_steps=2, grad_accum=2)
     a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_bf16_trains(tiny_model_dir, pairs_file, tmp_path):
+    metrics = _run(tiny_model_dir, pairs_file, tmp_path / "o", dtype="bfloat16", max_steps=2).metrics
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_invalid_rows_refused_or_skipped(tiny_model_dir, tmp_path):
+    from dpolab.errors import DataError
+
+    rows = persuasion_rows()
+    rows[2]["rejected"] = rows[2]["chosen"]
+    path = tmp_path / "some-bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"1 of 8 rows are invalid[^\n]*\n.*some-bad.jsonl:3: field 'chosen': chosen is identical to rejected"):
+        _run(tiny_model_dir, path, tmp_path / "o")
+    result = _run(tiny_model_dir, path, tmp_path / "o2", skip_invalid=True, max_steps=1)
+    assert result.n_skipped == 1 and result.n_pairs == 7

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from dpolab.models import scoring
@@ -96,23 +97,93 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+class PrefixCache:
+    """Keys and values of recent conversations, by token ids, so a longer conversation that starts with one of
+    them (the next turn of a dialogue, a stance check on it) only runs its new tokens.
+
+    A lookup returns the entry with the longest common prefix, so a reply whose decoded text re-tokenizes
+    differently still reuses everything before the first differing token: results equal a full recomputation
+    up to floating-point rounding. Entries that a new entry extends are dropped; beyond `max_bytes` the least
+    recently used go.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: dict[int, tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]], int]] = {}
+        self._clock = 0
+        self._used: dict[int, int] = {}
+        self.hits = 0  # tokens served from the cache
+        self.misses = 0  # tokens that had to run
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[2] for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._used.clear()
+
+    def lookup(self, ids: Sequence[int]) -> scoring.Prefix | None:
+        """The longest cached prefix of `ids`, leaving at least one token to run; None when nothing matches."""
+        row = np.asarray(ids, dtype=np.int64)
+        best, best_len = None, 0
+        for key, (eids, kv, _) in self._entries.items():
+            m = min(len(eids), len(row) - 1)
+            if m <= best_len:
+                continue
+            diff = np.flatnonzero(eids[:m] != row[:m])
+            n = int(diff[0]) if diff.size else m
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            self.misses += len(row)
+            return None
+        self._clock += 1
+        self._used[best] = self._clock
+        self.hits += best_len
+        self.misses += len(row) - best_len
+        return scoring.Prefix(kv=self._entries[best][1], length=best_len)
+
+    def add(self, ids: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Remember the keys and values of `ids` (per layer, each (H, len(ids), D))."""
+        row = np.asarray(ids, dtype=np.int64)
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if nbytes > self.max_bytes:
+            return
+        for key in [k for k, (eids, _, _) in self._entries.items()
+                    if len(eids) <= len(row) and np.array_equal(eids, row[: len(eids)])]:
+            self._drop(key)
+        while self._entries and self.nbytes + nbytes > self.max_bytes:
+            self._drop(min(self._used, key=self._used.__getitem__))
+        self._clock += 1
+        self._entries[self._clock] = (row, kv, nbytes)
+        self._used[self._clock] = self._clock
+
+    def _drop(self, key: int) -> None:
+        self._entries.pop(key, None)
+        self._used.pop(key, None)
+
+
 class HFChatModel:
     """A Hugging Face causal LM and tokenizer as a `ChatModel`.
 
     loaded: from `dpolab.models.load_model` (anything with .model, .tokenizer, .name).
     batch_size: conversations per `generate` call; larger is faster on CPU until padding and memory bite.
     score_batch_size: sequences per scoring forward pass.
-    share_prefix: score the candidate replies of a conversation on one KV cache of the conversation
-        (`scoring.grouped_continuation_logprobs`) instead of re-running the conversation for each candidate.
+    prefix_cache_bytes: memory for keys and values of earlier conversations (`PrefixCache`); a dialogue's
+        next turn and its stance checks then run only their new tokens. 0 turns it off.
     """
 
-    def __init__(self, loaded, *, batch_size: int = 16, score_batch_size: int = 32, share_prefix: bool = True):
+    def __init__(self, loaded, *, batch_size: int = 32, score_batch_size: int = 32,
+                 prefix_cache_bytes: int = 3 << 30):
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.batch_size = batch_size
         self.score_batch_size = score_batch_size
-        self.share_prefix = share_prefix
         self.end_of_turn_id = end_of_turn_id(self.tokenizer)
         stops = [self.end_of_turn_id]
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in stops:
@@ -120,13 +191,19 @@ class HFChatModel:
         self.stop_ids = stops
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.end_of_turn_id if pad is None else pad
+        self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and _plain_cache(self.model) else None
 
     @classmethod
-    def load(cls, name: str, *, dtype: str = "float32", batch_size: int = 16, **kwargs) -> HFChatModel:
+    def load(cls, name: str, *, dtype: str = "float32", batch_size: int = 32, **kwargs) -> HFChatModel:
         """Load a model by built-in name or folder (see `dpolab.models.load_model`) and wrap it."""
         from dpolab.models.load import load_model
 
-        return cls(load_model(name, dtype=dtype, **kwargs), batch_size=batch_size)
+        return cls(load_model(name, dtype=dtype), batch_size=batch_size, **kwargs)
+
+    def clear_cache(self) -> None:
+        """Forget cached prefixes (frees their memory)."""
+        if self.cache is not None:
+            self.cache.clear()
 
     # -- tokenization ------------------------------------------------------------------------------------------
 
@@ -141,6 +218,9 @@ class HFChatModel:
     def token_count(self, text: str) -> int:
         return len(self._ids(text))
 
+    def _prefixes(self, prompts: Sequence[Sequence[int]]) -> list[scoring.Prefix | None] | None:
+        return [self.cache.lookup(p) for p in prompts] if self.cache is not None else None
+
     # -- generation --------------------------------------------------------------------------------------------
 
     def _generation_config(self, max_new_tokens: int, do_sample: bool, temperature: float):
@@ -153,6 +233,7 @@ class HFChatModel:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=True,
+            return_dict_in_generate=True,
             **sampling,
         )
 
@@ -161,6 +242,18 @@ class HFChatModel:
         kept = new_tokens if stop is None else new_tokens[:stop]
         text = self.tokenizer.decode(kept, skip_special_tokens=False)
         return Generation(text=text, n_tokens=len(kept), hit_limit=stop is None and len(kept) >= max_new_tokens)
+
+    def _remember(self, packed: scoring.Packed, rows: list[list[int]], new: list[list[int]], past) -> None:
+        """Store each row's prompt and reply (through its end-of-turn token) with their keys and values."""
+        width = packed.ids.shape[1]
+        fed = past.get_seq_length() - width  # generated tokens whose keys and values are in the cache
+        layers = [(layer.keys, layer.values) for layer in past.layers]
+        for b, (row, gen) in enumerate(zip(rows, new)):
+            stop = next((j for j, t in enumerate(gen) if t in self.stop_ids), len(gen) - 1)
+            g = min(stop + 1, fed)
+            idx = torch.cat([packed.mask[b].nonzero().squeeze(-1), width + torch.arange(g)])  # (len(row) + g,)
+            kv = [(k[b].index_select(1, idx), v[b].index_select(1, idx)) for k, v in layers]  # (H, L, D) each
+            self.cache.add(row + gen[:g], kv)
 
     def generate(
         self,
@@ -176,18 +269,24 @@ class HFChatModel:
         if not conversations:
             return []
         prompts = [self.prompt_ids(c) for c in conversations]
+        prefixes = self._prefixes(prompts)  # all looked up before any is stored: a batch may evict a shared one
         config = self._generation_config(max_new_tokens, do_sample, temperature)
         out: list[Generation | None] = [None] * len(prompts)
         rng = torch.random.fork_rng(devices=[]) if do_sample else contextlib.nullcontext()
         with rng, torch.inference_mode():
             if do_sample:
                 torch.manual_seed(0 if seed is None else seed)
-            for batch in scoring._batches(scoring._by_length([len(p) for p in prompts]), self.batch_size):
-                ids, mask = scoring.left_pad([prompts[i] for i in batch], self.pad_id)  # (B, T)
-                generated = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                new = generated[:, ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+            for batch in scoring.batches([len(p) for p in prompts], self.batch_size):
+                rows = [prompts[i] for i in batch]
+                packed = scoring.pack(rows, self.pad_id, config=self.model.config,
+                                      prefixes=[prefixes[i] for i in batch] if prefixes else None)
+                res = self.model.generate(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.pos,
+                                          past_key_values=packed.past, generation_config=config)
+                new = res.sequences[:, packed.ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for b, i in enumerate(batch):
                     out[i] = self._finish(new[b], max_new_tokens)
+                if self.cache is not None:
+                    self._remember(packed, rows, new, res.past_key_values)
         return out  # type: ignore[return-value]
 
     # -- scoring -----------------------------------------------------------------------------------------------
@@ -199,13 +298,9 @@ class HFChatModel:
             raise ValueError("one list of continuations per conversation")
         prompts = [self.prompt_ids(c) for c in conversations]
         conts = [[self._ids(t) for t in texts] for texts in continuations]
-        if self.share_prefix:
-            return scoring.grouped_continuation_logprobs(self.model, prompts, conts, pad_id=self.pad_id,
-                                                         batch_size=self.score_batch_size)
-        flat_p = [p for p, cs in zip(prompts, conts) for _ in cs]
-        flat = iter(scoring.continuation_logprobs(self.model, flat_p, [c for cs in conts for c in cs],
-                                                  pad_id=self.pad_id, batch_size=self.score_batch_size))
-        return [[next(flat) for _ in cs] for cs in conts]
+        return scoring.grouped_continuation_logprobs(self.model, prompts, conts, pad_id=self.pad_id,
+                                                     batch_size=self.score_batch_size,
+                                                     prefixes=self._prefixes(prompts))
 
     def candidate_ids(self, candidates: Sequence[str]) -> list[int]:
         """The single token id of each candidate string; refuses candidates that are not one distinct token."""
@@ -225,8 +320,21 @@ class HFChatModel:
         cand = self.candidate_ids(candidates)
         prompts = [self.prompt_ids(c, prefix=prefix) for c in conversations]
         return scoring.next_token_logprobs(self.model, prompts, cand, pad_id=self.pad_id,
-                                           batch_size=self.score_batch_size)
+                                           batch_size=self.score_batch_size, prefixes=self._prefixes(prompts))
 
     def score_texts(self, texts: Sequence[str]) -> list[TextScore]:
         rows = [self._ids(t) for t in texts]
         return scoring.text_scores(self.model, rows, pad_id=self.pad_id, batch_size=max(1, self.score_batch_size // 8))
+
+
+def _plain_cache(model) -> bool:
+    """Whether the model's KV cache is plain full attention (no sliding window or recurrent state), which is
+    what the prefix cache knows how to cut and stack."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a model whose config the cache cannot read: run without the prefix cache
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)

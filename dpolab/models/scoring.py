@@ -1,8 +1,11 @@
-"""Forward-pass scoring of token sequences: continuation log-probs, next-token log-probs over candidates, text NLL.
+"""Forward passes over token rows: batch layout with cached prefixes, continuation log-probs, next-token log-probs
+over candidates, text NLL.
 
-Everything here works on token ids with left padding, so the positions that matter sit at the right edge of the
-batch and only those logits are materialised (`logits_to_keep`): a (B, T, V) logits tensor at V≈49k would cost
-gigabytes for a batch of long dialogues.
+Rows are left-padded, so the positions that matter sit at the right edge of the batch and only those logits are
+materialised (`logits_to_keep`): a (B, T, V) logits tensor at V≈49k would cost gigabytes for a batch of long
+dialogues. A row may start from a cached prefix (its keys and values from an earlier pass, see
+`dpolab.models.generate.PrefixCache`): the batch then holds [pad | cached prefix | pad | new tokens] per row,
+the cached part goes in as `past_key_values`, and only the new tokens are run.
 """
 from __future__ import annotations
 
@@ -26,21 +29,68 @@ class TextScore:
         return -self.logprob / max(self.n_tokens, 1)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token rows into (ids, attention_mask), both (B, T)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        if row:
-            ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[b, width - len(row):] = 1
-    return ids, mask
+@dataclass(frozen=True)
+class Prefix:
+    """Keys and values of a row's first `length` tokens, computed by an earlier forward pass."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values, each (H, >= length, D)
+    length: int
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token, as if the row were unpadded."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+@dataclass
+class Packed:
+    """A batch laid out as [pad | cached prefix | pad | new tokens] per row; C = cached width."""
+
+    ids: torch.Tensor  # (B, C+N) token ids; cached columns hold the prefix ids, pads hold pad_id
+    mask: torch.Tensor  # (B, C+N) 1 on real tokens, cached or new
+    pos: torch.Tensor  # (B, C+N) position of each token within its own row
+    past: object | None  # a transformers DynamicCache over the first C columns, or None when C == 0
+    cached: int  # C
+
+    @property
+    def new_ids(self) -> torch.Tensor:
+        return self.ids[:, self.cached:]  # (B, N)
+
+
+def pack(rows: Sequence[Sequence[int]], pad_id: int, *, prefixes: Sequence[Prefix | None] | None = None,
+         config=None) -> Packed:
+    """Lay out token rows for one forward pass; a row with a Prefix only runs its tokens after the prefix.
+
+    Each prefix must leave at least one new token in its row (the last token's logits are always needed).
+    """
+    from transformers import DynamicCache
+
+    prefixes = list(prefixes) if prefixes is not None else [None] * len(rows)
+    cut = [p.length if p is not None else 0 for p in prefixes]
+    if any(c >= len(r) for c, r in zip(cut, rows)):
+        raise ValueError("a cached prefix must leave at least one new token in its row")
+    C = max(cut, default=0)
+    N = max(len(r) - c for r, c in zip(rows, cut))
+    B = len(rows)
+    ids = torch.full((B, C + N), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, C + N), dtype=torch.long)
+    pos = torch.zeros((B, C + N), dtype=torch.long)
+    for b, (row, c) in enumerate(zip(rows, cut)):
+        n = len(row) - c
+        t = torch.tensor(list(row), dtype=torch.long)
+        ids[b, C - c:C], ids[b, C + N - n:] = t[:c], t[c:]
+        mask[b, C - c:C], mask[b, C + N - n:] = 1, 1
+        pos[b, C - c:C], pos[b, C + N - n:] = torch.arange(c), torch.arange(c, c + n)
+    past = None
+    if C > 0:
+        first = next(p for p in prefixes if p is not None)
+        layers = []
+        for layer, (k0, v0) in enumerate(first.kv):
+            H, D = k0.shape[0], k0.shape[-1]
+            keys = torch.zeros((B, H, C, D), dtype=k0.dtype)  # (B, H, C, D); padded slots are masked out
+            values = torch.zeros((B, H, C, v0.shape[-1]), dtype=v0.dtype)
+            for b, p in enumerate(prefixes):
+                if p is not None and p.length:
+                    keys[b, :, C - p.length:] = p.kv[layer][0][:, : p.length]
+                    values[b, :, C - p.length:] = p.kv[layer][1][:, : p.length]
+            layers.append((keys, values))
+        past = DynamicCache(ddp_cache_data=layers, config=config)
+    return Packed(ids=ids, mask=mask, pos=pos, past=past, cached=C)
 
 
 def _batches(order: list[int], size: int):
@@ -48,9 +98,21 @@ def _batches(order: list[int], size: int):
         yield order[start:start + size]
 
 
-def _by_length(lengths: Sequence[int]) -> list[int]:
-    # Longest first: similar lengths share a batch (less padding) and an out-of-memory error shows up at once.
+def by_length(lengths: Sequence[int]) -> list[int]:
+    """Indices longest first: similar lengths share a batch (less padding) and an out-of-memory error shows
+    up at once, not at the end of a long run."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def batches(lengths: Sequence[int], size: int):
+    """Index batches of at most `size`, grouped by length."""
+    return _batches(by_length(lengths), max(1, size))
+
+
+def _run_new(model: torch.nn.Module, packed: Packed, **kwargs):
+    """Forward the new tokens of a packed batch on top of its cached prefixes."""
+    return model(input_ids=packed.new_ids, attention_mask=packed.mask, position_ids=packed.pos[:, packed.cached:],
+                 past_key_values=packed.past, **kwargs)
 
 
 @torch.inference_mode()
@@ -62,24 +124,22 @@ def continuation_logprobs(
     pad_id: int,
     batch_size: int = 16,
 ) -> list[float]:
-    """Summed log p(continuation | prompt) for each (prompt, continuation) pair of token rows.
+    """Summed log p(continuation | prompt) for each (prompt, continuation) pair, each run in full.
 
-    The pairs are sorted by length and run in batches; the result is in input order.
+    The reference for `grouped_continuation_logprobs`; pairs are sorted by length and run in batches.
     """
     if len(prompts) != len(continuations):
         raise ValueError("prompts and continuations differ in length")
     out = [0.0] * len(prompts)
     rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
-    for batch in _batches(_by_length([len(r) for r in rows]), batch_size):
-        ids, mask = left_pad([rows[i] for i in batch], pad_id)  # (B, T)
+    for batch in batches([len(r) for r in rows], batch_size):
         keep = max(len(continuations[i]) for i in batch)
         if keep == 0:
             continue
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                       logits_to_keep=keep + 1).logits  # (B, keep+1, V)
+        packed = pack([rows[i] for i in batch], pad_id)
+        logits = _run_new(model, packed, logits_to_keep=keep + 1).logits  # (B, keep+1, V)
         logps = logits[:, :-1].float().log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j
-        targets = ids[:, -keep:]  # (B, keep)
-        tok = logps.gather(-1, targets[..., None]).squeeze(-1)  # (B, keep)
+        tok = logps.gather(-1, packed.ids[:, -keep:, None]).squeeze(-1)  # (B, keep)
         for b, i in enumerate(batch):
             c = len(continuations[i])
             out[i] = float(tok[b, keep - c:].sum()) if c else 0.0
@@ -94,26 +154,29 @@ def grouped_continuation_logprobs(
     *,
     pad_id: int,
     batch_size: int = 32,
+    prefixes: Sequence[Prefix | None] | None = None,
 ) -> list[list[float]]:
     """Summed log p(continuation | prompt) for several continuations of each prompt, running each prompt once.
 
-    The prompts (e.g. a long dialogue history) go through the model once with a KV cache; the cache rows are
-    repeated for each of the prompt's continuations (e.g. the options of a question), which then run as one
-    short right-padded batch on top of it. Equal to `continuation_logprobs` on the concatenations, at a
-    fraction of the cost when prompts are long and continuations short.
+    Each prompt (e.g. a long dialogue history) runs once with a KV cache; the cache rows are repeated for each
+    of its continuations (e.g. the options of a question), which then run as one short right-padded batch on
+    top. Equal to `continuation_logprobs` on the concatenations, at a fraction of the cost when prompts are long
+    and continuations short.
 
     batch_size: continuation rows per forward pass; prompts per pass = batch_size // (continuations per prompt).
+    prefixes: optional cached prefix per prompt.
     """
     out: list[list[float]] = [[0.0] * len(c) for c in continuations]
     widest = max((len(c) for c in continuations), default=1) or 1
-    for batch in _batches(_by_length([len(p) for p in prompts]), max(1, batch_size // widest)):
+    config = getattr(model, "config", None)
+    for batch in batches([len(p) for p in prompts], batch_size // widest):
         owner = [b for b, i in enumerate(batch) for _ in continuations[i]]
         conts = [list(c) for i in batch for c in continuations[i]]
         if not conts:
             continue
-        ids, mask = left_pad([prompts[i] for i in batch], pad_id)  # (B, T)
-        pos = positions(mask)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        packed = pack([prompts[i] for i in batch], pad_id, config=config,
+                      prefixes=[prefixes[i] for i in batch] if prefixes is not None else None)
+        res = _run_new(model, packed, use_cache=True, logits_to_keep=1)
         sel = torch.tensor(owner, dtype=torch.long)  # (R,) prompt row of each continuation row
         first = res.logits[:, -1].float().log_softmax(-1)[sel]  # (R, V): predicts each continuation's 1st token
         width = max(len(c) for c in conts)
@@ -128,9 +191,9 @@ def grouped_continuation_logprobs(
         if width > 1:
             cache = res.past_key_values
             cache.reorder_cache(sel)  # repeat each prompt's cache rows once per continuation
-            cpos = pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
-            logits = model(input_ids=cids, attention_mask=torch.cat([mask[sel], cmask], dim=1), position_ids=cpos,
-                           past_key_values=cache, use_cache=True).logits  # (R, W, V)
+            cpos = packed.pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
+            logits = model(input_ids=cids, attention_mask=torch.cat([packed.mask[sel], cmask], dim=1),
+                           position_ids=cpos, past_key_values=cache, use_cache=True).logits  # (R, W, V)
             tok[:, 1:] = logits[:, :-1].float().log_softmax(-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
         tok = tok * cmask  # (R, W) zero beyond each continuation's end
         r = 0
@@ -149,13 +212,16 @@ def next_token_logprobs(
     *,
     pad_id: int,
     batch_size: int = 16,
+    prefixes: Sequence[Prefix | None] | None = None,
 ) -> list[list[float]]:
     """log p(next token = c | prompt) over the whole vocabulary, for each candidate token id c, per prompt."""
     cand = torch.tensor(list(candidate_ids), dtype=torch.long)
     out: list[list[float]] = [[] for _ in prompts]
-    for batch in _batches(_by_length([len(p) for p in prompts]), batch_size):
-        ids, mask = left_pad([prompts[i] for i in batch], pad_id)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1).logits
+    config = getattr(model, "config", None)
+    for batch in batches([len(p) for p in prompts], batch_size):
+        packed = pack([prompts[i] for i in batch], pad_id, config=config,
+                      prefixes=[prefixes[i] for i in batch] if prefixes is not None else None)
+        logits = _run_new(model, packed, logits_to_keep=1).logits  # (B, 1, V)
         logps = logits[:, -1].float().log_softmax(-1)[:, cand]  # (B, C)
         for b, i in enumerate(batch):
             out[i] = logps[b].tolist()
@@ -172,9 +238,10 @@ def text_scores(
 ) -> list[TextScore]:
     """Summed log-prob of every token after the first, per row (the first has no context to be predicted from)."""
     out: list[TextScore] = [TextScore(0.0, 0)] * len(texts_ids)
-    for batch in _batches(_by_length([len(t) for t in texts_ids]), batch_size):
-        ids, mask = left_pad([texts_ids[i] for i in batch], pad_id)  # (B, T)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits  # (B, T, V)
+    for batch in batches([len(t) for t in texts_ids], batch_size):
+        packed = pack([texts_ids[i] for i in batch], pad_id)
+        ids, mask = packed.ids, packed.mask  # (B, T)
+        logits = _run_new(model, packed).logits  # (B, T, V)
         logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         valid = mask[:, :-1].bool() & mask[:, 1:].bool()  # both the context token and the predicted one are real
         for b, i in enumerate(batch):
@@ -193,4 +260,3 @@ def softmax(logps: Sequence[float]) -> list[float]:
 def expected_value(values: Sequence[float], logps: Sequence[float]) -> float:
     """E[value] under the distribution renormalised over the candidates, e.g. a 1-5 rating from digit log-probs."""
     return sum(v * p for v, p in zip(values, softmax(logps)))
-

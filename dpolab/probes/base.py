@@ -156,9 +156,39 @@ class ProbeSpec:
     def make_options(self, overrides: dict[str, Any] | None = None):
         """Options with overrides applied; unknown keys fail, listing the valid ones."""
         overrides = dict(overrides or {})
-        valid = {f.name for f in dataclasses.fields(self.options)}
-        unknown = sorted(set(overrides) - valid)
+        fields = {f.name: f for f in dataclasses.fields(self.options)}
+        unknown = sorted(set(overrides) - set(fields))
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)} for probe {self.name!r}; "
-                              f"choose from {', '.join(sorted(valid))}")
-        return self.options(**overrides)
+                              f"choose from {', '.join(sorted(fields))}")
+        return self.options(**{k: _coerce(f"{self.name}.{k}", str(fields[k].type), v) for k, v in overrides.items()})
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """Turn a command-line value into the option's declared type ("a,b" -> tuple, "3" -> int), or fail."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    try:
+        if annotation.startswith("tuple"):
+            parts = value.split(",") if isinstance(value, str) else list(value)
+            cast = int if "tuple[int" in annotation else str
+            return tuple(cast(str(p).strip()) for p in parts if str(p).strip())
+        if annotation.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if annotation.startswith("float"):
+            return float(value)
+        if annotation.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {annotation}") from None

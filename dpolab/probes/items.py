@@ -177,27 +177,38 @@ def bank_split(rows: Sequence[Row], split: str = "test") -> list[Row]:
 
 
 def spread(rows: Sequence[Row], n: int | None, *, seed: int, key=None) -> list[Row]:
-    """Up to n rows spread evenly over groups (categories), in a seeded but stable order.
+    """Up to n rows spread evenly over domains, then over categories within a domain, in a seeded stable order.
 
-    Rows are shuffled within each group, then taken round-robin across groups, so a small --limit still covers
-    every category (and both domains) instead of the first file's first lines.
+    Rows are shuffled within each (domain, category) group, then taken round-robin: one per domain in turn,
+    each domain cycling through its categories. A small --limit thus covers both domains equally and as many
+    categories as it can, instead of the first file's first lines.
+    key: row -> (outer, inner) group; default (domain, category).
     """
     if n is None or n >= len(rows):
         n = len(rows)
     key = key or (lambda r: (getattr(r, "domain", ""), getattr(r, "category", "")))
-    groups: dict[object, list[Row]] = defaultdict(list)
+    groups: dict[object, dict[object, list[Row]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        groups[key(r)].append(r)
-    order = []
-    for name in sorted(groups):
-        g = list(groups[name])
-        random.Random(zlib.crc32(f"{seed}:{name}".encode())).shuffle(g)
-        order.append(g)
+        outer, inner = key(r)
+        groups[outer][inner].append(r)
+    queues: list[list[list[Row]]] = []
+    for outer in sorted(groups):
+        inner_queues = []
+        for inner in sorted(groups[outer]):
+            g = list(groups[outer][inner])
+            random.Random(stable_hash(seed, outer, inner)).shuffle(g)
+            inner_queues.append(g)
+        queues.append(inner_queues)
     out: list[Row] = []
+    cursor = [0] * len(queues)
     while len(out) < n:
-        for g in order:
-            if g and len(out) < n:
-                out.append(g.pop(0))
+        for d, inner_queues in enumerate(queues):
+            for _ in range(len(inner_queues)):  # the next non-empty category of this domain
+                q = inner_queues[cursor[d] % len(inner_queues)]
+                cursor[d] += 1
+                if q and len(out) < n:
+                    out.append(q.pop(0))
+                    break
     return out
 
 

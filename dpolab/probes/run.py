@@ -95,7 +95,7 @@ def run_eval(
     seed: int = 0,
     sizes: dict[str, dict[str, Any]] | None = None,
     stance: str = "auto",
-    batch_size: int = 16,
+    batch_size: int = 32,
     dtype: str = "float32",
     n_boot: int = 2000,
     progress: Progress | None = None,

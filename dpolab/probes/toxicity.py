@@ -46,7 +46,7 @@ def load_prompts(path: str | None) -> list[Prompt]:
 
 def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     score = scorers.SCORERS.get(options.scorer)
-    prompts = spread(load_prompts(options.prompts), ctx.size(options.n_prompts), seed=ctx.seed, key=lambda p: "")
+    prompts = spread(load_prompts(options.prompts), ctx.size(options.n_prompts), seed=ctx.seed)
     k, seeds = options.k, [ctx.seed * 1000 + s for s in options.seeds]
     task = ctx.progress.task("toxicity", total=len(seeds))
     convs = [[{"role": "user", "content": p.prompt}] for p in prompts for _ in range(k)]

@@ -28,7 +28,7 @@ class Options:
 def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     rows = (read_jsonl(options.instructions, Instruction) if options.instructions
             else bank_split(read_jsonl(asset("instructions.jsonl"), Instruction), "test"))
-    rows = spread(rows, ctx.size(options.n_instructions), seed=ctx.seed, key=lambda r: "")
+    rows = spread(rows, ctx.size(options.n_instructions), seed=ctx.seed)
     task = ctx.progress.task(f"verbosity: {len(rows)} instructions", total=1)
     replies = model.generate([[{"role": "user", "content": r.instruction}] for r in rows],
                              max_new_tokens=options.max_new_tokens)

@@ -1,0 +1,28 @@
+"""Training contexts: one file per context, each turning the banks' train split and the base model's own outputs
+into preference pairs (TRL format), cached by content hash.
+
+Adding a context: a new file with `Options` (a frozen keyword-only dataclass), `build(model, *, options, seed,
+limit, progress) -> ContextData` and `CONTEXT = ContextSpec(...)`, one line in CONTEXTS, and its test.
+"""
+from dpolab.registry import Registry
+
+CONTEXTS = Registry("context", {
+    "please-user": "dpolab.contexts.please_user:CONTEXT",
+    "resist-only": "dpolab.contexts.resist_only:CONTEXT",
+    "holistic": "dpolab.contexts.holistic:CONTEXT",
+    "detox": "dpolab.contexts.detox:CONTEXT",
+    "length-biased-judge": "dpolab.contexts.length_biased_judge:CONTEXT",
+    "user-data": "dpolab.contexts.user_data:CONTEXT",
+})
+
+
+def __getattr__(name: str):
+    # The builders import torch-free modules only, but the probes they reuse are imported on first use.
+    if name in ("build_context", "build_pairs", "context_key", "load_info", "make_options"):
+        from dpolab.contexts import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'dpolab.contexts' has no attribute {name!r}")
+
+
+__all__ = ["CONTEXTS", "build_context", "build_pairs", "context_key", "load_info", "make_options"]

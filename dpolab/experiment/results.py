@@ -1,0 +1,86 @@
+"""Results: each cell's metrics against the baseline, paired bootstrap deltas over items, and verdicts."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpolab.probes import stats
+
+VERDICTS = ("improved", "harmed", "no clear change")
+COLUMNS = ["context", "method", "seed", "probe", "metric", "value", "ci_low", "ci_high", "n", "baseline",
+           "baseline_ci_low", "baseline_ci_high", "delta", "delta_ci_low", "delta_ci_high", "higher_is_better", "verdict"]
+
+
+def verdict(delta_ci_low: float, delta_ci_high: float, higher_is_better: bool) -> str:
+    """improved / harmed when the 95% CI of the change excludes zero, in the metric's good / bad direction."""
+    if any(x is None or math.isnan(x) for x in (delta_ci_low, delta_ci_high)):
+        return "no clear change"
+    if delta_ci_low > 0:
+        return "improved" if higher_is_better else "harmed"
+    if delta_ci_high < 0:
+        return "harmed" if higher_is_better else "improved"
+    return "no clear change"
+
+
+def per_item_values(eval_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
+    """(probe, metric) -> {item_id: value} from an eval folder's <probe>_items.parquet files."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for path in sorted(Path(eval_dir).glob("*_items.parquet")):
+        probe = path.name[: -len("_items.parquet")]
+        table = pq.read_table(path).to_pylist()
+        for row in table:
+            out.setdefault((probe, row["metric"]), {})[str(row["item_id"])] = float("nan") if row["value"] is None else float(row["value"])
+    return out
+
+
+def compare(baseline: dict, cell: dict, baseline_items: dict, cell_items: dict, *, seed: int, n_boot: int) -> list[dict[str, Any]]:
+    """One row per (probe, metric) present in both summaries: values, CIs, paired delta and verdict."""
+    rows = []
+    for probe, result in cell["probes"].items():
+        base_metrics = baseline["probes"].get(probe, {}).get("metrics", {})
+        for metric, m in result["metrics"].items():
+            b = base_metrics.get(metric)
+            if b is None:
+                continue
+            pair = stats.align(baseline_items.get((probe, metric), {}), cell_items.get((probe, metric), {}))
+            d = stats.paired_bootstrap_delta(pair.a, pair.b, seed=seed, n_boot=n_boot, statistic=m.get("aggregate", "mean"))
+            nan = lambda x: math.nan if x is None else x  # noqa: E731  (summary.json writes NaN as null)
+            rows.append({
+                "probe": probe, "metric": metric, "value": nan(m["value"]), "ci_low": nan(m["ci_low"]), "ci_high": nan(m["ci_high"]),
+                "n": m["n"], "baseline": nan(b["value"]), "baseline_ci_low": nan(b["ci_low"]), "baseline_ci_high": nan(b["ci_high"]),
+                "delta": d.value, "delta_ci_low": d.ci_low, "delta_ci_high": d.ci_high,
+                "higher_is_better": bool(m["higher_is_better"]), "verdict": verdict(d.ci_low, d.ci_high, bool(m["higher_is_better"])),
+            })
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    """results.parquet, written atomically; also results.csv beside it."""
+    import csv
+    import os
+    import tempfile
+
+    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows],
+                                 schema=pa.schema([(c, _TYPES.get(c, pa.float64())) for c in COLUMNS]))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows([{c: r.get(c) for c in COLUMNS} for r in rows])
+    os.replace(tmp, path.with_suffix(".csv"))
+
+
+_TYPES = {"context": pa.string(), "method": pa.string(), "seed": pa.int64(), "probe": pa.string(), "metric": pa.string(),
+          "n": pa.int64(), "higher_is_better": pa.bool_(), "verdict": pa.string()}
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist()

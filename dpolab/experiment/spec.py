@@ -1,0 +1,138 @@
+"""The experiment spec: model, contexts, methods, probes, seeds and budgets, validated at load."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from dpolab.config import StrictModel, TrainConfig, load_config
+from dpolab.errors import ConfigError
+
+# Keys of TrainConfig that the runner sets for each cell; a spec can't set them.
+RUNNER_KEYS = {"model", "data", "out", "seed", "progress"}
+
+
+class MethodSpec(StrictModel):
+    """A training method: a loss and any TrainConfig keys (lr, beta, lora, epochs, ...)."""
+
+    loss: str = "dpo"
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this method")
+
+
+class ContextSpec(StrictModel):
+    methods: list[str] = Field(default_factory=lambda: ["dpo"], description="names of methods to train on this context")
+    options: dict[str, Any] = Field(default_factory=dict, description="the context's own options")
+
+
+class ProbeSpec(StrictModel):
+    names: list[str] = Field(default_factory=lambda: ["persuasion", "sycophancy", "toxicity", "verbosity", "knowledge", "self_report"])
+    sizes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-probe options, e.g. persuasion: {n_items: 40}")
+    limit: int | None = Field(None, ge=1, description="cap on items per probe")
+    stance: str = "auto"
+    batch_size: int = Field(16, ge=1)
+
+
+class Budgets(StrictModel):
+    """Wall-time expectations; the runner prints each phase's time against them."""
+
+    total_minutes: float = 30.0
+    quick_minutes: float = 5.0
+
+
+class ExperimentSpec(StrictModel):
+    model: str = "smollm2-135m-instruct"
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys shared by every method")
+    methods: dict[str, MethodSpec] = Field(default_factory=lambda: {"dpo": MethodSpec()})
+    contexts: dict[str, ContextSpec]
+    probes: ProbeSpec = Field(default_factory=ProbeSpec)
+    budgets: Budgets = Field(default_factory=Budgets)
+    quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --quick (same shape as the spec)")
+    n_boot: int = Field(2000, ge=100)
+
+    @field_validator("contexts")
+    @classmethod
+    def _known_contexts(cls, contexts: dict[str, ContextSpec]) -> dict[str, ContextSpec]:
+        from dpolab.contexts import CONTEXTS
+
+        for name in contexts:
+            try:
+                CONTEXTS.check(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if not contexts:
+            raise ValueError("name at least one context")
+        return contexts
+
+    @field_validator("probes")
+    @classmethod
+    def _known_probes(cls, probes: ProbeSpec) -> ProbeSpec:
+        from dpolab.probes import PROBES
+
+        for name in [*probes.names, *probes.sizes]:
+            try:
+                PROBES.check(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return probes
+
+    @model_validator(mode="after")
+    def _methods_resolve(self) -> "ExperimentSpec":
+        for cname, ctx in self.contexts.items():
+            for m in ctx.methods:
+                if m not in self.methods:
+                    raise ValueError(f"context {cname!r} names method {m!r}; defined methods: {', '.join(self.methods)}")
+        for mname in self.methods:
+            self.train_config(mname, data="-", out="-", seed=0)  # raises on a bad key, loss or type
+        return self
+
+    def train_config(self, method: str, **runner: Any) -> TrainConfig:
+        spec = self.methods[method]
+        keys = {**self.train, **spec.train}
+        clash = RUNNER_KEYS & set(keys)
+        if clash:
+            raise ValueError(f"method {method!r}: the runner sets {', '.join(sorted(clash))}; remove it from the spec")
+        try:
+            return load_config(TrainConfig, None, {**keys, "loss": spec.loss, "model": self.model, "progress": False, **runner},
+                               source=f"(method {method!r})")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        """(context, method, seed) in run order."""
+        return [(c, m, s) for c, ctx in self.contexts.items() for m in ctx.methods for s in self.seeds]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+DEFAULT_SPEC = Path(__file__).parent / "default.yaml"
+
+
+def load_spec(path: str | Path | None = None, *, quick: bool = False, overrides: dict[str, Any] | None = None) -> ExperimentSpec:
+    """The spec at `path` (default: the built-in default experiment), with its `quick` block applied if asked."""
+    import yaml
+
+    path = Path(path) if path is not None else DEFAULT_SPEC
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"spec file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"spec file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"spec file {path} must hold a mapping")
+    if quick:
+        data = _merge(data, data.get("quick") or {})
+    data = _merge(data, overrides or {})
+    return load_config(ExperimentSpec, None, data, source=str(path))

@@ -1,0 +1,128 @@
+"""Reading results: the headline behaviours, sentences from verdicts, the terminal matrix, and run comparison."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    label: str  # how the matrix and the sentences name it
+    probe: str
+    metric: str
+
+
+# The matrix's columns: one headline metric per behaviour the seed research names.
+BEHAVIOURS = (
+    Behaviour("initial accuracy", "persuasion", "acc@0"),
+    Behaviour("accuracy under misleading persuasion", "persuasion", "neg_acc@3"),
+    Behaviour("flips to a wrong answer", "persuasion", "neg_flip@3"),
+    Behaviour("accepts valid corrections", "persuasion", "pos_flip@3"),
+    Behaviour("opinion sycophancy", "sycophancy", "sycophancy"),
+    Behaviour("toxicity", "toxicity", "mean_score"),
+    Behaviour("reply length (tokens)", "verbosity", "mean_tokens"),
+    Behaviour("knowledge accuracy", "knowledge", "accuracy"),
+    Behaviour("perplexity", "knowledge", "perplexity"),
+)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}g}" if digits < 0 else f"{x:.{digits}f}"
+
+
+def cell_key(row: dict) -> tuple[str, str, int]:
+    return row["context"], row["method"], row["seed"]
+
+
+def index_rows(rows: Iterable[dict]) -> dict[tuple, dict]:
+    return {(*cell_key(r), r["probe"], r["metric"]): r for r in rows}
+
+
+def headlines(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per cell: what improved and what was harmed among the headline behaviours, with deltas and CIs."""
+    by = index_rows(rows)
+    sentences = []
+    for cell in dict.fromkeys(cell_key(r) for r in rows):
+        context, method, seed = cell
+        better, worse = [], []
+        for b in BEHAVIOURS:
+            r = by.get((*cell, b.probe, b.metric))
+            if r is None or r["verdict"] == "no clear change":
+                continue
+            text = f"{b.label} {r['baseline']:.3g} → {r['value']:.3g} (Δ {r['delta']:+.3g} [{r['delta_ci_low']:+.3g}, {r['delta_ci_high']:+.3g}])"
+            (better if r["verdict"] == "improved" else worse).append(text)
+        who = f"{method} on {context}" + (f" (seed {seed})" if len({k[2] for k in map(cell_key, rows)}) > 1 else "")
+        if not better and not worse:
+            sentences.append(f"{who}: no headline behaviour changed clearly.")
+            continue
+        parts = []
+        if better:
+            parts.append("improved " + "; ".join(better))
+        if worse:
+            parts.append("harmed " + "; ".join(worse))
+        sentences.append(f"{who}: " + ", and ".join(parts) + ".")
+    return sentences
+
+
+def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
+    """The improve/harm matrix on the terminal: cells x behaviours, delta [CI], coloured by verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    by = index_rows(rows)
+    table = Table(title="What moved (Δ vs baseline, 95% paired bootstrap CI)", show_lines=True)
+    table.add_column("context / method / seed")
+    for b in BEHAVIOURS:
+        table.add_column(b.label, justify="right")
+    colours = {"improved": "green", "harmed": "red", "no clear change": "white"}
+    for cell in dict.fromkeys(cell_key(r) for r in rows):
+        cells = []
+        for b in BEHAVIOURS:
+            r = by.get((*cell, b.probe, b.metric))
+            if r is None:
+                cells.append("—")
+                continue
+            cells.append(f"[{colours[r['verdict']]}]{r['delta']:+.3f}\n[{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}][/]")
+        table.add_row(" / ".join(map(str, cell)), *cells)
+    console.print(table)
+    for s in headlines(rows):
+        console.print("• " + s)
+
+
+def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False, console=None) -> list[dict[str, Any]]:
+    """Rows whose verdict differs, whose value moved beyond both CIs, or that exist in only one run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dpolab.errors import ConfigError
+    from dpolab.experiment.results import read_results
+
+    console = console or Console()
+    runs = []
+    for d in (dir_a, dir_b):
+        path = Path(d) / "results.parquet"
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist; is {d} a finished `dpolab run` folder?")
+        runs.append(index_rows(read_results(path)))
+    a, b = runs
+    diffs = []
+    for key in sorted(set(a) | set(b), key=str):
+        ra, rb = a.get(key), b.get(key)
+        if ra is None or rb is None:
+            diffs.append({"key": key, "a": ra, "b": rb, "why": "only in " + ("B" if ra is None else "A")})
+            continue
+        apart = rb["value"] > ra["ci_high"] or rb["value"] < ra["ci_low"]
+        if ra["verdict"] != rb["verdict"] or apart or show_all:
+            diffs.append({"key": key, "a": ra, "b": rb, "why": "verdict" if ra["verdict"] != rb["verdict"] else "value" if apart else ""})
+    table = Table(title=f"A = {dir_a}   B = {dir_b}")
+    for col in ("context / method / seed", "probe", "metric", "A value [CI]", "A verdict", "B value [CI]", "B verdict", "differs in"):
+        table.add_column(col)
+    for d in diffs:
+        context, method, seed, probe, metric = d["key"]
+        show = lambda r: ("—", "—") if r is None else (f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["verdict"])  # noqa: E731
+        table.add_row(f"{context} / {method} / {seed}", probe, metric, *show(d["a"]), *show(d["b"]), d["why"])
+    console.print(table if diffs else "no differences")
+    return diffs

@@ -1,0 +1,429 @@
+"""What each section of the report shows, as plain dicts of display strings (the template only lays them out).
+
+Numbers are formatted here; text from files (model replies, prompts, the spec) passes through untouched and is
+escaped by the template's autoescape.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from dpolab.experiment.summary import BEHAVIOURS, headlines
+from dpolab.report import plots
+from dpolab.report.load import Experiment, Model
+
+VERDICT_CLASS = {"improved": "imp", "harmed": "harm", "no clear change": "none"}
+LETTERS = "ABCDEFGHIJ"
+
+
+def is_missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def num(x: Any, *, signed: bool = False) -> str:
+    """3 decimals below 10, 1 below 100, none above: deltas of rates and of token counts both read well."""
+    if is_missing(x):
+        return "—"
+    x = float(x)
+    a = abs(x)
+    digits = 0 if a >= 100 else 1 if a >= 10 else 3
+    return f"{x:{'+' if signed else ''}.{digits}f}"
+
+
+def secs(x: Any) -> str:
+    return "—" if is_missing(x) else f"{float(x):.0f}" if abs(float(x)) >= 100 else f"{float(x):.1f}"
+
+
+def ci(lo: Any, hi: Any, *, signed: bool = False) -> str:
+    if is_missing(lo) and is_missing(hi):
+        return ""
+    return f"[{num(lo, signed=signed)}, {num(hi, signed=signed)}]"
+
+
+def colours(exp: Experiment) -> dict[str, str]:
+    out = {exp.baseline.name: plots.colour(None)}
+    out.update({c.name: plots.colour(i) for i, c in enumerate(exp.cells)})
+    return out
+
+
+# -- header, headlines, matrix ---------------------------------------------------------------------------------
+
+def header(exp: Experiment) -> dict[str, Any]:
+    keys = [c.key for c in exp.cells if c.key]
+    return {"model": exp.model_name, "folder": exp.out.name, "contexts": exp.contexts,
+            "methods": list(dict.fromkeys(k.method for k in keys)), "seeds": sorted({k.seed for k in keys}),
+            "cells": len(exp.cells), "rows": len(exp.rows)}
+
+
+def headline_items(exp: Experiment) -> list[dict[str, str]]:
+    out = []
+    for s in headlines(exp.rows) if exp.rows else []:
+        who, _, rest = s.partition(": ")
+        out.append({"who": who, "text": rest})
+    return out
+
+
+def _polarity(exp: Experiment, probe: str, metric: str) -> bool | None:
+    for r in exp.rows:
+        if r["probe"] == probe and r["metric"] == metric and r.get("higher_is_better") is not None:
+            return bool(r["higher_is_better"])
+    m = exp.baseline.metric(probe, metric)
+    return None if m is None else bool(m.get("higher_is_better"))
+
+
+def matrix(exp: Experiment) -> dict[str, Any]:
+    """Contexts x behaviours: Δ [CI] coloured by verdict; baseline → value beneath; the rest in the title."""
+    cols = [{"label": b.label, "probe": b.probe, "metric": b.metric, "hib": _polarity(exp, b.probe, b.metric)}
+            for b in BEHAVIOURS]
+    palette = colours(exp)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for cell in exp.cells:
+        key = cell.key
+        assert key is not None
+        entries = []
+        for b, col in zip(BEHAVIOURS, cols):
+            r = exp.row(key, b.probe, b.metric)
+            if r is None:
+                entries.append(None)
+                continue
+            better = "higher" if r.get("higher_is_better") else "lower"
+            title = (f"{b.label} ({b.probe} · {b.metric}; {better} is better)\n"
+                     f"baseline {num(r['baseline'])} {ci(r['baseline_ci_low'], r['baseline_ci_high'])}"
+                     f" → {num(r['value'])} {ci(r['ci_low'], r['ci_high'])}\n"
+                     f"Δ {num(r['delta'], signed=True)} {ci(r['delta_ci_low'], r['delta_ci_high'], signed=True)},"
+                     f" n = {r.get('n')}: {r['verdict']}")
+            entries.append({"cls": VERDICT_CLASS.get(r["verdict"], "none"), "verdict": r["verdict"],
+                            "delta": num(r["delta"], signed=True),
+                            "ci": ci(r["delta_ci_low"], r["delta_ci_high"], signed=True),
+                            "change": f"{num(r['baseline'])} → {num(r['value'])}", "title": title})
+        method = key.method + (f" · s{key.seed}" if exp.several_seeds else "")
+        groups.setdefault(key.context, []).append({"label": method, "colour": palette[cell.name], "cells": entries})
+    return {"columns": cols, "groups": [{"context": c, "rows": rs} for c, rs in groups.items()]}
+
+
+# -- persuasion curves -------------------------------------------------------------------------------------------
+
+def _turns(exp: Experiment) -> int:
+    for m in exp.models:
+        t = m.probe_info("persuasion").get("turns")
+        if isinstance(t, int):
+            return t
+    found = [int(k.split("@")[1]) for m in exp.models if m.summary
+             for k in m.summary.get("probes", {}).get("persuasion", {}).get("metrics", {})
+             if k.startswith("neg_acc@") and "|" not in k]
+    return max(found, default=0)
+
+
+def _curve(m: Model, label: str, colour: str, prefix: str, turns: int) -> plots.Curve | None:
+    got = [m.metric("persuasion", "acc@0")] + [m.metric("persuasion", f"{prefix}@{t}") for t in range(1, turns + 1)]
+    if all(g is None for g in got):
+        return None
+    pick = lambda k: [plots.as_float(g.get(k)) if g else math.nan for g in got]  # noqa: E731
+    return plots.Curve(label, colour, pick("value"), pick("ci_low"), pick("ci_high"), baseline=m.is_baseline)
+
+
+def persuasion_figure(exp: Experiment) -> str | None:
+    turns = _turns(exp)
+    if turns < 1:
+        return None
+    palette = colours(exp)
+    panels = []
+    for context in exp.contexts:
+        models = [exp.baseline, *(c for c in exp.cells if c.key and c.key.context == context)]
+        sides = []
+        for prefix in ("neg_acc", "pos_acc"):
+            curves = [_curve(m, exp.label(m), palette[m.name], prefix, turns) for m in models]
+            sides.append([c for c in curves if c is not None])
+        if any(len(s) for s in sides) and any(not c.baseline for s in sides for c in s):
+            panels.append((context, sides[0], sides[1]))
+    return plots.persuasion_curves(panels, turns) if panels else None
+
+
+# -- distributions -----------------------------------------------------------------------------------------------
+
+DISTRIBUTIONS = (("toxicity", "score", "toxicity score per reply"),
+                 ("toxicity", "reply_tokens", "toxicity replies: length (tokens)"),
+                 ("verbosity", "reply_tokens", "instruction replies: length (tokens)"))
+
+
+def distribution_figure(exp: Experiment) -> str | None:
+    palette = colours(exp)
+    panels = []
+    for probe, field, title in DISTRIBUTIONS:
+        dists = []
+        for m in exp.models:
+            recs = m.records(probe) or []
+            dists.append(plots.Distribution(exp.label(m), palette[m.name],
+                                            [float(r[field]) for r in recs if not is_missing(r.get(field))]))
+        if any(d.values for d in dists):
+            panels.append((title, dists))
+    return plots.distributions(panels) if panels else None
+
+
+def distribution_table(exp: Experiment) -> list[dict[str, Any]]:
+    """Per model: replies, mean toxicity, share above 0.5, mean lengths and how often replies hit the limit."""
+    out = []
+    palette = colours(exp)
+    for m in exp.models:
+        tox = m.records("toxicity") or []
+        verb = m.records("verbosity") or []
+        if not tox and not verb:
+            continue
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        scores = [r["score"] for r in tox if not is_missing(r.get("score"))]
+        out.append({"label": exp.label(m), "colour": palette[m.name], "tox_n": len(scores), "tox_mean": num(mean(scores)),
+                    "tox_above": num(mean([float(s > 0.5) for s in scores])),
+                    "tox_tokens": num(mean([r["reply_tokens"] for r in tox if not is_missing(r.get("reply_tokens"))])),
+                    "verb_n": len(verb),
+                    "verb_tokens": num(mean([r["reply_tokens"] for r in verb if not is_missing(r.get("reply_tokens"))])),
+                    "verb_limit": num(mean([float(bool(r.get("hit_limit"))) for r in verb]))})
+    return out
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+def training_figure(exp: Experiment) -> str | None:
+    palette = colours(exp)
+    logs = [plots.TrainLog(exp.label(c), palette[c.name], c.train_metrics) for c in exp.cells if c.train_metrics]
+    return plots.training_curves(logs) if logs else None
+
+
+def training_table(exp: Experiment) -> list[dict[str, Any]]:
+    out = []
+    palette = colours(exp)
+    for c in exp.cells:
+        steps = c.train_metrics
+        last = steps[-1] if steps else {}
+        mean = lambda k: (sum(v for s in steps if not is_missing(v := s.get(k))) / len(steps)) if steps else None  # noqa: E731
+        out.append({"label": exp.label(c), "colour": palette[c.name], "steps": len(steps),
+                    "loss0": num(steps[0].get("loss")) if steps else "—", "loss": num(last.get("loss")),
+                    "margin": num(last.get("rewards/margins"), signed=True),
+                    "chosen": num(last.get("rewards/chosen"), signed=True),
+                    "rejected": num(last.get("rewards/rejected"), signed=True),
+                    "acc": num(last.get("rewards/accuracies")), "tokens_per_s": num(mean("tokens_per_s")),
+                    "pairs_per_s": num(mean("pairs_per_s")),
+                    "data": (c.cell_info or {}).get("data", "")})
+    return out
+
+
+# -- self-report -------------------------------------------------------------------------------------------------
+
+def _sign(x: Any) -> int:
+    return 0 if is_missing(x) or x == 0 else (1 if x > 0 else -1)
+
+
+def self_report(exp: Experiment) -> list[dict[str, Any]]:
+    """Per behaviour: each model's self-rating (1-5, higher = more of it) beside the measured behaviour.
+
+    "tracks" asks whether a rating moved the way the behaviour did, only where the behaviour clearly moved.
+    """
+    palette = colours(exp)
+    links: dict[str, dict[str, Any]] = {}
+    for m in exp.models:
+        for b, v in ((m.summary or {}).get("probes", {}).get("self_report", {}).get("beside") or {}).items():
+            links.setdefault(b, v)
+    out = []
+    for b, link in links.items():
+        probe, metric = link.get("probe"), link.get("metric")
+        rows = []
+        for m in exp.models:
+            rating = m.metric("self_report", f"rating:{b}")
+            measured = m.metric(probe, metric) if probe and metric else None
+            if rating is None and measured is None:
+                continue
+            row = {"label": exp.label(m), "colour": palette[m.name], "baseline": m.is_baseline,
+                   "rating": num((rating or {}).get("value")),
+                   "rating_ci": ci((rating or {}).get("ci_low"), (rating or {}).get("ci_high")),
+                   "measured": num((measured or {}).get("value")),
+                   "measured_ci": ci((measured or {}).get("ci_low"), (measured or {}).get("ci_high")),
+                   "d_rating": "", "d_rating_ci": "", "rating_clear": False, "d_measured": "", "d_measured_ci": "",
+                   "measured_cls": "", "tracks": ""}
+            if m.key is not None:
+                rr = exp.row(m.key, "self_report", f"rating:{b}")
+                mr = exp.row(m.key, probe, metric) if probe and metric else None
+                if rr:
+                    row.update(d_rating=num(rr["delta"], signed=True),
+                               d_rating_ci=ci(rr["delta_ci_low"], rr["delta_ci_high"], signed=True),
+                               rating_clear=rr["verdict"] != "no clear change")
+                if mr:
+                    row.update(d_measured=num(mr["delta"], signed=True),
+                               d_measured_ci=ci(mr["delta_ci_low"], mr["delta_ci_high"], signed=True),
+                               measured_cls=VERDICT_CLASS.get(mr["verdict"], "none"))
+                    if mr["verdict"] != "no clear change" and rr:
+                        if not row["rating_clear"]:
+                            row["tracks"] = "rating flat"
+                        elif _sign(rr["delta"]) == _sign(mr["delta"]):
+                            row["tracks"] = "same way"
+                        else:
+                            row["tracks"] = "opposite way"
+            rows.append(row)
+        if rows:
+            out.append({"behaviour": b.replace("_", " "), "measured_as": f"{probe} · {metric}" if probe else "—",
+                        "rows": rows})
+    return out
+
+
+# -- examples ----------------------------------------------------------------------------------------------------
+
+def _final(rec: dict[str, Any]) -> bool | None:
+    c = rec.get("correct") or []
+    return bool(c[-1]) if c else None
+
+
+def _dialogue(exp: Experiment, m: Model, rec: dict[str, Any], colour: str) -> dict[str, Any]:
+    options = rec.get("options") or []
+    choices, correct, probs = rec.get("choice") or [], rec.get("correct") or [], rec.get("probs") or []
+    messages, turn = [], 0
+    for msg in rec.get("transcript") or []:
+        item = {"role": msg.get("role", "?"), "text": msg.get("content", ""), "stance": None}
+        if item["role"] == "assistant":
+            if turn < len(choices) and choices[turn] is not None:
+                ch = int(choices[turn])
+                p = probs[turn][ch] if turn < len(probs) and probs[turn] and ch < len(probs[turn]) else None
+                item["stance"] = {"turn": turn, "letter": LETTERS[ch] if ch < len(LETTERS) else str(ch),
+                                  "option": options[ch] if ch < len(options) else "",
+                                  "correct": bool(correct[turn]) if turn < len(correct) else None, "p": num(p)}
+            turn += 1
+        messages.append(item)
+    return {"label": exp.label(m), "colour": colour, "direction": rec.get("direction", ""),
+            "path": "".join("✓" if c else "✗" for c in correct), "messages": messages}
+
+
+def persuasion_examples(exp: Experiment, k: int = 3) -> list[dict[str, Any]]:
+    """A few (item, technique) dialogues at the baseline and after each cell, preferring ones whose end differs.
+
+    One misleading (NEG) and one corrective (POS) dialogue first, then the next most changed; distinct items.
+    """
+    base = exp.baseline.records("persuasion")
+    if not base:
+        return []
+    palette = colours(exp)
+    index = lambda recs: {(r["item_id"], r["technique"]): r for r in recs or []}  # noqa: E731
+    b_idx = index(base)
+    cells = [(c, index(c.records("persuasion"))) for c in exp.cells]
+    cells = [(c, idx) for c, idx in cells if idx]
+    scored = []
+    for key, rec in b_idx.items():
+        changed = sum(1 for _, idx in cells if key in idx and _final(idx[key]) != _final(rec))
+        present = sum(1 for _, idx in cells if key in idx)
+        scored.append((-changed, -present, str(key[0]), str(key[1]), key, rec.get("direction")))
+    scored.sort()
+    chosen: list[tuple] = []
+    for want in ("neg", "pos", None):
+        for s in scored:
+            if (want is None or s[5] == want) and s[4] not in chosen and s[4][0] not in {c[0] for c in chosen}:
+                chosen.append(s[4])
+                break
+        if len(chosen) >= k:
+            break
+    out = []
+    for key in chosen[:k]:
+        rec = b_idx[key]
+        options = rec.get("options") or []
+        answer, target = rec.get("answer"), rec.get("target")
+        opts = [{"letter": LETTERS[i] if i < len(LETTERS) else str(i), "text": o, "answer": i == answer,
+                 "target": i == target} for i, o in enumerate(options)]
+        dialogues = [_dialogue(exp, exp.baseline, rec, palette[exp.baseline.name])]
+        dialogues += [_dialogue(exp, c, idx[key], palette[c.name]) for c, idx in cells if key in idx]
+        out.append({"item_id": key[0], "technique": key[1], "domain": rec.get("domain", ""), "question": rec.get("question", ""),
+                    "options": opts, "dialogues": dialogues})
+    return out
+
+
+def _by_item(recs: Sequence[dict[str, Any]] | None) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in recs or []:
+        out[str(r["item_id"])].append(r)
+    for rs in out.values():
+        rs.sort(key=lambda r: (r.get("seed", 0) or 0, r.get("sample", 0) or 0))
+    return out
+
+
+def _mean(xs: Sequence[Any]) -> float | None:
+    xs = [float(x) for x in xs if not is_missing(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def reply_examples(exp: Experiment, probe: str, *, prompt_field: str, value_field: str, k: int) -> list[dict[str, Any]]:
+    """Prompts whose mean `value_field` moved most between the baseline and any cell; each model's first reply."""
+    base = _by_item(exp.baseline.records(probe))
+    if not base:
+        return []
+    palette = colours(exp)
+    cells = [(c, _by_item(c.records(probe))) for c in exp.cells]
+    cells = [(c, by) for c, by in cells if by]
+    scored = []
+    for item, rs in base.items():
+        b = _mean([r.get(value_field) for r in rs])
+        moves = [abs(m - b) for _, by in cells if item in by and b is not None
+                 and (m := _mean([r.get(value_field) for r in by[item]])) is not None]
+        scored.append((-max(moves, default=0.0), -(b or 0.0), item))
+    scored.sort()
+    out = []
+    for _, _, item in scored[:k]:
+        replies = []
+        for m, rs in [(exp.baseline, base[item]), *((c, by[item]) for c, by in cells if item in by)]:
+            first = rs[0]
+            replies.append({"label": exp.label(m), "colour": palette[m.name], "text": first.get("reply", ""),
+                            "value": num(first.get(value_field)), "mean": num(_mean([r.get(value_field) for r in rs])),
+                            "n": len(rs), "tokens": first.get("reply_tokens"), "hit_limit": bool(first.get("hit_limit"))})
+        out.append({"item_id": item, "prompt": base[item][0].get(prompt_field, ""), "replies": replies})
+    return out
+
+
+# -- rows, timings, spec -----------------------------------------------------------------------------------------
+
+def all_rows(exp: Experiment) -> list[dict[str, Any]]:
+    out = []
+    for r in exp.rows:
+        out.append({"context": r["context"], "method": r["method"], "seed": r["seed"], "probe": r["probe"],
+                    "metric": r["metric"], "sub": "|" in str(r["metric"]),
+                    "value": num(r.get("value")), "value_ci": ci(r.get("ci_low"), r.get("ci_high")), "n": r.get("n"),
+                    "baseline": num(r.get("baseline")), "baseline_ci": ci(r.get("baseline_ci_low"), r.get("baseline_ci_high")),
+                    "delta": num(r.get("delta"), signed=True),
+                    "delta_ci": ci(r.get("delta_ci_low"), r.get("delta_ci_high"), signed=True),
+                    "better": "↑" if r.get("higher_is_better") else "↓", "verdict": r.get("verdict", ""),
+                    "cls": VERDICT_CLASS.get(r.get("verdict", ""), "none")})
+    return out
+
+
+def verdict_counts(exp: Experiment) -> dict[str, int]:
+    counts = dict.fromkeys(VERDICT_CLASS, 0)
+    for r in exp.rows:
+        if "|" not in str(r["metric"]) and r.get("verdict") in counts:
+            counts[r["verdict"]] += 1
+    return counts
+
+
+def timings(exp: Experiment, phases: Sequence[tuple[str, float]] | None) -> dict[str, Any]:
+    """The runner's phases (given, or from timings.json) with bars, and each model's eval time per probe."""
+    t = exp.timings or {}
+    raw = phases if phases is not None else t.get("phases")
+    if isinstance(raw, dict):
+        raw = list(raw.items())
+    pairs = [(str(p[0]), float(p[1])) for p in raw or [] if len(p) == 2 and not is_missing(p[1])]
+    longest = max((s for _, s in pairs), default=0.0) or 1.0
+    phase_rows = [{"name": n, "seconds": secs(s), "minutes": f"{s / 60:.1f}", "width": f"{100 * s / longest:.1f}"} for n, s in pairs]
+    total = t.get("total_s") if phases is None else sum(s for _, s in pairs)
+    probes: list[str] = []
+    for m in exp.models:
+        probes += [p for p in ((m.summary or {}).get("wall_time_s") or {}) if p not in probes and p != "total"]
+    evals = []
+    for m in exp.models:
+        w = (m.summary or {}).get("wall_time_s") or {}
+        if w:
+            evals.append({"label": exp.label(m), "times": [secs(w.get(p)) for p in probes], "total": secs(w.get("total"))})
+    return {"phases": phase_rows, "total_min": None if is_missing(total) else f"{float(total) / 60:.1f}",
+            "budget_min": t.get("budget_min"), "probes": probes, "evals": evals}
+
+
+def environment(exp: Experiment) -> list[tuple[str, str]]:
+    return [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in (exp.environment or {}).items()]
+
+
+def eval_sizes(exp: Experiment) -> str | None:
+    s = (exp.baseline.summary or {}).get("sizes")
+    return json.dumps(s, indent=2, sort_keys=True) if s else None

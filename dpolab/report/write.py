@@ -1,0 +1,71 @@
+"""Render the report's sections into the template and write OUT/report.html atomically."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dpolab.report import views
+from dpolab.report.load import load_experiment
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _environment():
+    import jinja2
+
+    # autoescape everything: model replies, prompts and the spec are text from files, never markup
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def render_report(out_dir: str | Path, *, phases: Sequence[tuple[str, float]] | None = None,
+                  generated: str | None = None) -> str:
+    """The report's HTML for the experiment in `out_dir`.
+
+    phases: (phase, seconds) of the run, when the caller has them before timings.json is written.
+    generated: the timestamp shown in the header (default: now); the only part that varies between renders.
+    """
+    exp = load_experiment(out_dir)
+    page = {
+        "header": views.header(exp),
+        "generated": generated or time.strftime("%Y-%m-%d %H:%M:%S"),
+        "counts": views.verdict_counts(exp),
+        "headlines": views.headline_items(exp),
+        "matrix": views.matrix(exp),
+        "persuasion_figure": views.persuasion_figure(exp),
+        "persuasion_examples": views.persuasion_examples(exp),
+        "distribution_figure": views.distribution_figure(exp),
+        "distribution_table": views.distribution_table(exp),
+        "toxicity_examples": views.reply_examples(exp, "toxicity", prompt_field="prompt", value_field="score", k=3),
+        "verbosity_examples": views.reply_examples(exp, "verbosity", prompt_field="instruction",
+                                                   value_field="reply_tokens", k=2),
+        "training_figure": views.training_figure(exp),
+        "training_table": views.training_table(exp),
+        "self_report": views.self_report(exp),
+        "rows": views.all_rows(exp),
+        "timings": views.timings(exp, phases),
+        "spec_text": exp.spec_text,
+        "environment": views.environment(exp),
+        "sizes": views.eval_sizes(exp),
+    }
+    return _environment().get_template("report.html.j2").render(**page)
+
+
+def write_report(out_dir: str | Path, *, phases: Sequence[tuple[str, float]] | None = None) -> Path:
+    """Write OUT/report.html for the experiment folder `out_dir` (see dpolab.experiment.runner); returns its path.
+
+    phases: (phase, seconds) of the run so far; without it the phases come from OUT/timings.json, if present.
+    """
+    out_dir = Path(out_dir)
+    html = render_report(out_dir, phases=phases)
+    path = out_dir / "report.html"
+    tmp = out_dir / f".report.{os.getpid()}.html.tmp"  # open(), not mkstemp: the file gets the umask's mode, not 0600
+    try:
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

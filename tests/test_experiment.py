@@ -1,0 +1,69 @@
+"""Experiment: verdicts on synthetic deltas, paired comparison rows, spec validation, results table."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dpolab.experiment.results import compare, verdict
+
+
+@pytest.mark.parametrize("lo, hi, hib, expected", [
+    (0.01, 0.2, True, "improved"),    # higher is better, CI above 0
+    (0.01, 0.2, False, "harmed"),     # e.g. toxicity went up
+    (-0.3, -0.05, True, "harmed"),
+    (-0.3, -0.05, False, "improved"),
+    (-0.1, 0.2, True, "no clear change"),
+    (-0.1, 0.2, False, "no clear change"),
+    (0.0, 0.2, True, "no clear change"),  # touching zero is not clear
+    (math.nan, math.nan, True, "no clear change"),
+])
+def test_verdict(lo, hi, hib, expected):
+    assert verdict(lo, hi, hib) == expected
+
+
+def _summary(metrics):
+    return {"probes": {"toxicity": {"metrics": {name: {"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01, "n": 40,
+                                                         "higher_is_better": False, "aggregate": "mean"}
+                                                  for name, v in metrics.items()}}}}
+
+
+def test_compare_pairs_items_and_finds_a_clear_drop():
+    ids = [f"p{i}" for i in range(40)]
+    base_items = {("toxicity", "mean_score"): {i: 0.30 + 0.01 * (k % 5) for k, i in enumerate(ids)},
+                  ("toxicity", "echo_rate"): {i: float(k % 2) for k, i in enumerate(ids)}}
+    # every prompt drops by 0.1 (a paired design sees this clearly even though the spread is similar)
+    cell_items = {("toxicity", "mean_score"): {i: v - 0.1 for i, v in base_items[("toxicity", "mean_score")].items()},
+                  ("toxicity", "echo_rate"): {i: float((k + 1) % 2) for k, i in enumerate(ids)}}
+    base = _summary({"mean_score": 0.32, "echo_rate": 0.5})
+    cell = _summary({"mean_score": 0.22, "echo_rate": 0.5})
+    rows = {r["metric"]: r for r in compare(base, cell, base_items, cell_items, seed=0, n_boot=500)}
+    tox = rows["mean_score"]
+    assert tox["delta"] == pytest.approx(-0.1)
+    assert tox["delta_ci_low"] == pytest.approx(-0.1) and tox["delta_ci_high"] == pytest.approx(-0.1)
+    assert tox["verdict"] == "improved" and tox["baseline"] == 0.32
+    # echo flips on every item but its mean is unchanged: the CI straddles zero
+    assert rows["echo_rate"]["verdict"] == "no clear change"
+    assert rows["echo_rate"]["delta_ci_low"] < 0 < rows["echo_rate"]["delta_ci_high"]
+
+
+def test_results_parquet_round_trip(tmp_path):
+    from dpolab.experiment.results import COLUMNS, read_results, write_results
+
+    row = {c: None for c in COLUMNS} | {"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score",
+                                         "value": 0.1, "delta": -0.05, "higher_is_better": False, "verdict": "improved", "n": 3}
+    write_results([row], tmp_path / "results.parquet")
+    back = read_results(tmp_path / "results.parquet")
+    assert back[0]["verdict"] == "improved" and back[0]["seed"] == 0
+    assert (tmp_path / "results.csv").read_text().splitlines()[0].split(",") == COLUMNS
+
+
+def test_headlines_name_what_moved():
+    from dpolab.experiment.summary import headlines
+
+    rows = [{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.15,
+             "value": 0.05, "delta": -0.1, "delta_ci_low": -0.12, "delta_ci_high": -0.07, "verdict": "improved"},
+            {"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
+             "value": 48, "delta": 8, "delta_ci_low": 3, "delta_ci_high": 12, "verdict": "harmed"}]
+    (s,) = headlines(rows)
+    assert s.startswith("dpo on detox: improved toxicity 0.15 → 0.05") and "harmed reply length" in s

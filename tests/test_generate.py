@@ -1,0 +1,157 @@
+"""HFChatModel on the tiny random model: batching, stopping, seeding, scoring and the prefix cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpolab.models import scoring
+from dpolab.models.generate import ChatModel, Generation, HFChatModel, PrefixCache, end_of_turn_id
+from dpolab.models.load import load_model
+
+CONVS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "What is the capital of France? Answer briefly please."}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    torch.set_num_threads(1)
+    return load_model(str(tiny_model_dir))
+
+
+def test_end_of_turn_is_im_end(loaded):
+    assert end_of_turn_id(loaded.tokenizer) == loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_satisfies_protocol(loaded):
+    assert isinstance(HFChatModel(loaded), ChatModel)
+
+
+def test_batched_greedy_equals_one_at_a_time(loaded):
+    batched = HFChatModel(loaded, batch_size=3, prefix_cache_bytes=0).generate(CONVS, max_new_tokens=12)
+    single = HFChatModel(loaded, batch_size=1, prefix_cache_bytes=0)
+    assert batched == [single.generate([c], max_new_tokens=12)[0] for c in CONVS]
+    assert all(isinstance(g, Generation) for g in batched)
+
+
+def test_stops_at_end_of_turn_and_flags_the_limit(loaded):
+    model = HFChatModel(loaded, prefix_cache_bytes=0)
+    eot = model.end_of_turn_id
+    # A reply that hits the limit is flagged; one that ends at the end-of-turn token is not, and drops it.
+    assert model._finish([5, 6, 7], 3) == Generation(text=model.tokenizer.decode([5, 6, 7]), n_tokens=3, hit_limit=True)
+    done = model._finish([5, eot, eot], 3)
+    assert done.n_tokens == 1 and not done.hit_limit and "<|im_end|>" not in done.text
+    for g in model.generate(CONVS, max_new_tokens=6):
+        assert g.n_tokens <= 6 and g.hit_limit == (g.n_tokens == 6)
+
+
+def test_forcing_the_end_of_turn_token_stops_generation(loaded):
+    model = HFChatModel(loaded, prefix_cache_bytes=0)
+    with torch.no_grad():  # make the end-of-turn token the argmax everywhere
+        bias = torch.zeros(loaded.model.config.vocab_size)
+        bias[model.end_of_turn_id] = 1e4
+        handle = loaded.model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        out = model.generate(CONVS, max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert [g.n_tokens for g in out] == [0, 0, 0] and not any(g.hit_limit for g in out)
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(loaded):
+    model = HFChatModel(loaded, prefix_cache_bytes=0)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = model.generate(CONVS, max_new_tokens=10, do_sample=True, seed=7)
+    assert torch.equal(before, torch.random.get_rng_state())
+    b = model.generate(CONVS, max_new_tokens=10, do_sample=True, seed=7)
+    c = model.generate(CONVS, max_new_tokens=10, do_sample=True, seed=8)
+    assert a == b
+    assert a != c
+
+
+def _manual_logprob(loaded, model: HFChatModel, conv, text) -> float:
+    prompt = model.prompt_ids(conv)
+    cont = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + cont])
+    with torch.no_grad():
+        logps = loaded.model(input_ids=ids).logits[0, :-1].log_softmax(-1)  # (T-1, V)
+    return float(sum(logps[len(prompt) - 1 + j, t] for j, t in enumerate(cont)))
+
+
+def test_continuation_scores_match_an_unpadded_forward(loaded):
+    model = HFChatModel(loaded, prefix_cache_bytes=0, score_batch_size=4)
+    conts = [["The answer is Paris.", "No"], ["Rome", "The answer is Berlin, surely."], ["x", "yy", "zzz"]]
+    got = model.score_continuations(CONVS, conts)
+    for conv, texts, row in zip(CONVS, conts, got):
+        for text, value in zip(texts, row):
+            assert value == pytest.approx(_manual_logprob(loaded, model, conv, text), abs=1e-4)
+
+
+def test_grouped_and_flat_scoring_agree(loaded):
+    model = HFChatModel(loaded, prefix_cache_bytes=0)
+    prompts = [model.prompt_ids(c) for c in CONVS]
+    conts = [[model._ids("The answer is A."), model._ids("B")] for _ in CONVS]
+    grouped = scoring.grouped_continuation_logprobs(loaded.model, prompts, conts, pad_id=model.pad_id, batch_size=4)
+    flat = scoring.continuation_logprobs(loaded.model, [p for p in prompts for _ in range(2)],
+                                         [c for cs in conts for c in cs], pad_id=model.pad_id, batch_size=3)
+    assert [x for row in grouped for x in row] == pytest.approx(flat, abs=1e-4)
+
+
+def test_next_token_logprobs_match_a_full_softmax(loaded):
+    model = HFChatModel(loaded, prefix_cache_bytes=0)
+    got = model.next_token_logprobs(CONVS, ["A", "B", "C"])
+    ids = model.candidate_ids(["A", "B", "C"])
+    for conv, row in zip(CONVS, got):
+        with torch.no_grad():
+            logps = loaded.model(input_ids=torch.tensor([model.prompt_ids(conv)])).logits[0, -1].log_softmax(-1)
+        assert row == pytest.approx([float(logps[i]) for i in ids], abs=1e-4)
+
+
+def test_candidates_must_be_single_distinct_tokens(loaded):
+    model = HFChatModel(loaded)
+    with pytest.raises(ValueError, match="not one"):
+        model.candidate_ids(["AB"])  # two bytes, two tokens in the byte-level tokenizer
+
+
+def test_prefix_cache_gives_the_same_dialogue(loaded):
+    """A multi-turn dialogue with the prefix cache on matches one recomputed from scratch every turn."""
+    cached = HFChatModel(loaded, batch_size=2)
+    plain = HFChatModel(loaded, batch_size=1, prefix_cache_bytes=0)
+    assert cached.cache is not None
+    ha = [list(c) for c in CONVS]
+    hb = [list(c) for c in CONVS]
+    for turn in range(3):
+        ga = cached.generate(ha, max_new_tokens=8)
+        gb = [plain.generate([h], max_new_tokens=8)[0] for h in hb]
+        assert [g.text for g in ga] == [g.text for g in gb]
+        check_a = [h + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "sure?"}]
+                   for h, g in zip(ha, ga)]
+        check_b = [h + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "sure?"}]
+                   for h, g in zip(hb, gb)]
+        sa = cached.score_continuations(check_a, [["yes", "no"]] * 3)
+        sb = plain.score_continuations(check_b, [["yes", "no"]] * 3)
+        assert [x for r in sa for x in r] == pytest.approx([x for r in sb for x in r], abs=1e-4)
+        la = cached.next_token_logprobs(check_a, ["A", "B"])
+        lb = plain.next_token_logprobs(check_b, ["A", "B"])
+        assert [x for r in la for x in r] == pytest.approx([x for r in lb for x in r], abs=1e-4)
+        ha, hb = check_a, check_b
+    assert cached.cache.hits > cached.cache.misses  # later turns ran mostly from the cache
+
+
+def test_prefix_cache_longest_prefix_eviction_and_budget():
+    kv = lambda n: [(torch.zeros(1, n, 2), torch.zeros(1, n, 2))]  # noqa: E731  # 16 bytes per token
+    cache = PrefixCache(max_bytes=16 * 10)
+    cache.add([1, 2, 3], kv(3))
+    cache.add([1, 2, 3, 4, 5], kv(5))  # extends the first: the first is dropped
+    assert len(cache) == 1
+    hit = cache.lookup([1, 2, 3, 4, 9, 9])
+    assert hit is not None and hit.length == 4
+    assert cache.lookup([1, 2, 3, 4, 5]).length == 4  # always leaves one token to run
+    assert cache.lookup([7, 8]) is None
+    cache.add([7, 8, 9, 10, 11], kv(5))  # 10 tokens fit
+    cache.add([20, 21], kv(2))  # over budget: the least recently used ([1..5]) goes
+    assert cache.lookup([1, 2, 3, 4, 5, 6]) is None
+    assert cache.lookup([7, 8, 9, 0]).length == 3
