@@ -61,21 +61,20 @@ def compare(baseline: dict, cell: dict, baseline_items: dict, cell_items: dict, 
 def write_results(rows: list[dict[str, Any]], path: Path) -> None:
     """results.parquet, written atomically; also results.csv beside it."""
     import csv
-    import os
-    import tempfile
 
-    table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows],
-                                 schema=pa.schema([(c, _TYPES.get(c, pa.float64())) for c in COLUMNS]))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows([{c: r.get(c) for c in COLUMNS} for r in rows])
-    os.replace(tmp, path.with_suffix(".csv"))
+    from dpolab.io import atomic_write
+
+    records = [{c: r.get(c) for c in COLUMNS} for r in rows]
+    table = pa.Table.from_pylist(records, schema=pa.schema([(c, _TYPES.get(c, pa.float64())) for c in COLUMNS]))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(records)
+
+    atomic_write(path.with_suffix(".csv"), write_csv)
 
 
 _TYPES = {"context": pa.string(), "method": pa.string(), "seed": pa.int64(), "probe": pa.string(), "metric": pa.string(),

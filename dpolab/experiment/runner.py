@@ -18,7 +18,7 @@ from typing import Any
 from dpolab.errors import ConfigError
 from dpolab.experiment.results import compare, per_item_values, write_results
 from dpolab.experiment.spec import ExperimentSpec
-from dpolab.training.checkpoint import atomic_write_text
+from dpolab.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -53,10 +53,6 @@ def environment() -> dict[str, Any]:
             "transformers": transformers.__version__, "platform": platform.platform(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 class _Phases:
@@ -100,9 +96,9 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
         if saved["spec_fingerprint"] != fingerprint:
             raise ConfigError(f"{out} was run with a different spec (or without/with --quick); use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, {"spec_fingerprint": fingerprint, "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic_write_json(marker, {"spec_fingerprint": fingerprint, "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     atomic_write_text(out / "spec.resolved.yaml", __import__("yaml").safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    _write_json(out / "environment.json", environment())
+    atomic_write_json(out / "environment.json", environment())
 
     phases = _Phases(console)
     report = RunReport(out=out, rows=[])
@@ -165,8 +161,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 summary = run_eval(HFChatModel(loaded, batch_size=spec.probes.batch_size), out=cell_dir / "eval", seed=0, **probe_kw)
             rows = [{"context": context, "method": method, "seed": seed, **r}
                     for r in compare(baseline, summary, baseline_items, per_item_values(cell_dir / "eval"), seed=seed, n_boot=spec.n_boot)]
-            _write_json(cell_dir / "rows.json", rows)
-            _write_json(cell_dir / "cell.json", {"context": context, "method": method, "seed": seed, "data": str(data_path),
+            atomic_write_json(cell_dir / "rows.json", rows)
+            atomic_write_json(cell_dir / "cell.json", {"context": context, "method": method, "seed": seed, "data": str(data_path),
                                                  "train_steps": trained.steps, "rows": len(rows)})
             ran += 1
             bar.advance(task)
@@ -180,7 +176,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
         write_results(report.rows, out / "results.parquet")
     total = time.perf_counter() - t_start
     report.phases = phases.times
-    _write_json(out / "timings.json", {"phases": phases.times, "total_s": total})
+    atomic_write_json(out / "timings.json", {"phases": phases.times, "total_s": total})
     from dpolab.report import write_report
 
     write_report(out, phases=phases.times)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 from filelock import FileLock
 
 from dpolab.errors import ModelError
+from dpolab.io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -95,12 +94,8 @@ def builtin_model_dir(name: str) -> Path:
         if (final / "config.json").exists():
             return final
         gguf = _builtin_gguf_path(spec)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-        try:
+        with atomic_dir(final) as tmp:
             _convert_gguf(gguf, tmp)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

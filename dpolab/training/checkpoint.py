@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from dpolab.io import atomic_dir
 
 PREFIX = "step-"
 
@@ -20,14 +20,6 @@ PREFIX = "step-"
 class Checkpoint:
     path: Path
     step: int
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -59,22 +51,14 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save_checkpoint(out: Path, step: int, *, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
     """Write OUT/checkpoints/step-N atomically (temporary folder, then rename) and prune old ones."""
-    root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{PREFIX}{step:07d}."))
-    try:
+    final = Path(out) / "checkpoints" / f"{PREFIX}{step:07d}"
+    with atomic_dir(final) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta, **extra}
         (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final

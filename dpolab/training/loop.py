@@ -4,9 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +13,8 @@ import torch
 
 from dpolab.config import TrainConfig, dump_config, load_config
 from dpolab.errors import ConfigError, TrainingError
-from dpolab.training.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
+from dpolab.io import atomic_dir, atomic_write_text
+from dpolab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.training.logps import PairBatch, PairForward, collate_pairs
 from dpolab.training.reference import Reference, ReferenceCache, cache_key, compute_dataset_logps, model_fingerprint
 
@@ -99,20 +97,13 @@ def _progress(enabled: bool):
 
 def _save_final(out: Path, policy, tokenizer, *, lora: bool) -> torch.nn.Module:
     """OUT/model loads with AutoModelForCausalLM.from_pretrained; under LoRA it holds merged weights, OUT/adapter the adapter."""
-    def write(name: str, save: Callable[[Path], None]) -> None:
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
-        try:
-            save(tmp)
-            if (out / name).exists():
-                shutil.rmtree(out / name)
-            os.replace(tmp, out / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
     if lora:
-        write("adapter", lambda p: policy.save_pretrained(p))
+        with atomic_dir(out / "adapter") as tmp:
+            policy.save_pretrained(tmp)
         policy = policy.merge_and_unload()
-    write("model", lambda p: (policy.save_pretrained(p, safe_serialization=True), tokenizer.save_pretrained(p)))
+    with atomic_dir(out / "model") as tmp:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return policy
 
 

@@ -5,12 +5,9 @@ later run (another epoch, another loss, another experiment cell) with the same t
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +15,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from dpolab.io import atomic_write
 from dpolab.training.logps import PairBatch, sequence_logps
 
 
@@ -53,11 +51,8 @@ class ReferenceCache:
         return load_file(path)["logps"] if path.exists() else None
 
     def save(self, key: str, logps: torch.Tensor, meta: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        os.close(fd)
-        save_file({"logps": logps.contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, self.path(key))
+        atomic_write(self.path(key), lambda tmp: save_file({"logps": logps.contiguous()}, tmp,
+                                                           metadata={k: str(v) for k, v in meta.items()}))
 
     def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor], meta: dict) -> tuple[torch.Tensor, bool]:
         """(logps (N, 2), reused?) — concurrent runs with the same key compute it once."""
@@ -113,7 +108,3 @@ class Reference:
                 return sequence_logps(policy, batch, mode=self.mode, chunk_tokens=self.chunk_tokens)
         return sequence_logps(self.model, batch, mode=self.mode, chunk_tokens=self.chunk_tokens)
 
-
-def adapter_disabled(model):
-    """Context in which a peft model computes with its base weights; a no-op for plain models."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
