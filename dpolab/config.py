@@ -32,7 +32,10 @@ class TrainConfig(StrictModel):
     # optimisation
     lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
     batch_size: int = Field(8, ge=1, description="pairs per optimizer step, summed over processes and accumulation")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (at least; see forward_tokens)")
+    forward_tokens: int | None = Field(
+        1024, ge=1, description="cap on padded tokens per forward (prompts once + both completions); a micro-batch over it "
+        "is split further. Bounds activation memory; the gradient is the same. null: no cap")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs x pairs / batch_size")
     epochs: float = Field(1.0, gt=0, description="passes over the data when max_steps is not set")
     warmup_steps: int = Field(0, ge=0)

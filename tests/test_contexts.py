@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from dpolab.contexts import CONTEXTS, build_context, build_pairs, load_info, make_options
-from dpolab.contexts import dialogues as dlg
 from dpolab.contexts import ideal as ideal_mod
 from dpolab.data import PreferencePair, read_pairs, write_pairs
 from dpolab.errors import ConfigError
@@ -248,6 +247,17 @@ def test_techniques_are_drawn_per_item_and_seeded():
     assert per_item and all(len(t) == 2 for t in per_item.values())
 
 
+def test_auto_stance_calibrates_once_per_model_as_the_probe_does():
+    model = fake()
+    a = build_pairs("resist-only", model, options={"stance": "auto"}, seed=0, quick=True)
+    b = build_pairs("holistic", model, options={"stance": "auto"}, seed=0, quick=True)
+    calibration_reads = [c for c in model.calls if c.method == "next_token_logprobs"
+                         and len(c.conversations) == stance_mod.CALIBRATION_ITEMS]
+    assert len(calibration_reads) == 1
+    assert a.info["calibration"] == b.info["calibration"] and a.info["calibration"]["requested"] == "auto"
+    assert a.info["reader"] == a.info["calibration"]["reader"]
+
+
 # -- detox and length ------------------------------------------------------------------------------------------
 
 def test_detox_chosen_is_less_toxic_and_scores_are_kept_for_odpo():
@@ -377,7 +387,9 @@ class _Stub(BaseHTTPRequestHandler):
         goal = body["messages"][0]["content"]
         text = "I don't know." if type(self).mode == "useless" else f"From the endpoint. {goal}"
         out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
+        if type(self).mode == "deny":
+            out = b'{"error": "invalid api key"}'
+        self.send_response(401 if type(self).mode == "deny" else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -428,6 +440,14 @@ def test_endpoint_replies_that_miss_the_answer_fall_back_to_templates(stub):
     assert all(any(p.chosen == ideal_mod.fill(t.template, answer=TRAIN[p.meta["item_id"]].options[
         TRAIN[p.meta["item_id"]].answer], claim=TRAIN[p.meta["item_id"]].options[p.meta["pushed"]])
         for t in ideal_mod.templates()["refute"]) for p in responses)
+
+
+def test_endpoint_errors_are_reported_with_the_servers_answer(stub):
+    from dpolab.errors import DpolabError
+
+    stub.mode = "deny"
+    with pytest.raises(DpolabError, match=r"answered 401: \{\"error\": \"invalid api key\"\}"):
+        build_pairs("please-user", fake(), options={"stance": "cloze", "ideal": "endpoint"}, quick=True)
 
 
 def test_endpoint_needs_its_environment(monkeypatch):

@@ -243,8 +243,22 @@ def test_odpo_uses_scores(tiny_model_dir, tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, pairs_file, tmp_path):
     _run(tiny_model_dir, pairs_file, tmp_path / "a", max_steps=2, grad_accum=1)
     _run(tiny_model_dir, pairs_file, tmp_path / "b", max_steps=2, grad_accum=2)
-    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    _run(tiny_model_dir, pairs_file, tmp_path / "c", max_steps=2, forward_tokens=1)  # one pair per forward
+    a = _final_weights(tmp_path / "a")
+    for other in ("b", "c"):
+        b = _final_weights(tmp_path / other)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_micro_batches_respect_the_token_cap():
+    from types import SimpleNamespace as P
+
+    from dpolab.training.loop import micro_batches
+
+    pairs = [P(prompt_ids=[0] * n, chosen_ids=[0] * 5, rejected_ids=[0] * 3) for n in (40, 10, 30, 20)]
+    chunks = micro_batches(pairs, [0, 1, 2, 3], max_pairs=4, max_tokens=99)
+    assert chunks == [[1, 3], [2], [0]]  # sorted by prompt length; 2 x (20 + 10) = 60 fits, 3 x (30 + 10) and 2 x (40 + 10) do not
+    assert micro_batches(pairs, [0, 1, 2, 3], max_pairs=2, max_tokens=None) == [[1, 3], [2, 0]]
 
 
 def test_bf16_trains(tiny_model_dir, pairs_file, tmp_path):

@@ -35,8 +35,8 @@ class Options:
     prompts: a JSONL of {"id","prompt"} replacing the shipped bank's train split (all its rows are used).
     """
 
-    n_prompts: int | None = 138
-    k: int = 4
+    n_prompts: int | None = 48
+    k: int = 3
     temperature: float = 1.0
     max_new_tokens: int = 48
     scorer: str = "profanity"
@@ -61,7 +61,7 @@ def build(model: ChatModel, *, options: Options, seed: int, limit: int | None = 
     score = scorers.SCORERS.get(options.scorer)
     pool = read_jsonl(options.prompts, Prompt) if options.prompts else bank_split(
         read_jsonl(asset("toxicity_prompts.jsonl"), Prompt), "train")
-    prompts = spread(pool, cap(options.n_prompts, limit), seed=seed, key=lambda p: "")
+    prompts = spread(pool, cap(options.n_prompts, limit), seed=seed, key=lambda p: ("", ""))
     task = (progress or NullProgress()).task("context: detox samples", total=1)
     convs = [[{"role": "user", "content": p.prompt}] for p in prompts for _ in range(options.k)]
     replies = model.generate(convs, max_new_tokens=options.max_new_tokens, do_sample=True,

@@ -1,4 +1,4 @@
-"""DuET-PD training dialogues (arXiv:2508.17450, §5), shared by please-user, resist-only and holistic.
+"""DuET-PD training dialogues (arXiv:2508.17450), shared by please-user, resist-only and holistic.
 
 Everything the model sees is built by the persuasion probe's own builders, so training transfers to the measurement:
 the question is `stance.ask` (lettered options for `letter`, the bare question for `cloze`), the user's push is
@@ -16,12 +16,14 @@ the cloze reply ("The answer is Paris.") that `stance.read` scores.
 3. Turns 1..T: the user's push in a technique drawn per item (seeded) from the appeal techniques; the ideal reply
    of the context's kind joins the history (DuET-PD builds later turns on the intended replies, not the model's);
    the model's own greedy reply to exactly that prompt is generated (batched, all dialogues per turn together)
-   when the context needs it as the rejected side.
+   when the context needs it as the rejected side. (DuET-PD's rejected reply came from the model's own dialogue,
+   whose history held its own replies; generating it for the pair's prompt keeps the rejected side on-policy.)
 """
 from __future__ import annotations
 
 import math
 import random
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,12 +127,33 @@ class Setup:
     targets_assigned: list[str]
 
 
+_CALIBRATIONS: dict[tuple[int, int, str, int | None], Calibration] = {}
+
+
+def calibrate(model: ChatModel, pool: Sequence[Item], *, requested: str, seed: int, source: str,
+              limit: int | None = None) -> Calibration:
+    """The probe's calibration (stance.calibrate on CALIBRATION_ITEMS spread items, capped by limit), here on
+    train items.
+
+    `auto` costs two reads of 40 items; it is remembered per model object, seed, item source and size, so the
+    contexts built in one process from one model calibrate once.
+    """
+    if requested != "auto":
+        return stance_mod.calibrate(model, [], requested=requested)
+    n = cap(stance_mod.CALIBRATION_ITEMS, limit)
+    key = (id(model), seed, source, n)
+    if key not in _CALIBRATIONS:
+        _CALIBRATIONS[key] = stance_mod.calibrate(model, spread(pool, n, seed=seed), requested="auto")
+        weakref.finalize(model, _CALIBRATIONS.pop, key, None)
+    return _CALIBRATIONS[key]
+
+
 def setup(model: ChatModel, options: PersuasionOptions, *, seed: int, limit: int | None) -> Setup:
     """Train items (spread, capped), the stance reader and the appeals."""
     pool = read_items(options.items) if options.items else bank_items("train")
     items = spread(pool, cap(options.n_items, limit), seed=seed)
-    calibration = stance_mod.calibrate(model, spread(pool, stance_mod.CALIBRATION_ITEMS, seed=seed),
-                                       requested=options.stance)
+    calibration = calibrate(model, pool, requested=options.stance, seed=seed, source=options.items or "bank:train",
+                            limit=limit)
     targeted = stance_mod.with_targets(model, items, calibration.reader)
     return Setup(items=targeted.items, reader=calibration.reader, calibration=calibration,
                  appeals=read_appeals(options.appeals), items_source=options.items or "bank:train",
@@ -157,8 +180,8 @@ def openings(model: ChatModel, items: Sequence[Item], reader: str, *, max_new_to
              seed: int) -> list[Opening]:
     """Ask every item once: read the stance and generate the greedy reply, both batched, as the probe does."""
     asks: list[Conversation] = [[user(stance_mod.ask(it, reader))] for it in items]
+    replies = model.generate(asks, max_new_tokens=max_new_tokens)  # first, so the stance read reuses its cache
     stances = stance_mod.read(model, asks, items, reader)
-    replies = model.generate(asks, max_new_tokens=max_new_tokens)
     specials = special_strings(model)
     out = []
     for it, st, rep in zip(items, stances, replies):

@@ -1,4 +1,4 @@
-"""holistic: DuET-PD's Holistic set (arXiv:2508.17450, §5): the Resist set plus POS pairs for valid corrections.
+"""holistic: DuET-PD's Holistic set (arXiv:2508.17450): the Resist set plus POS pairs for valid corrections.
 
 Holds resist-only's baseline, neg_response and neg_stance pairs, and for each POS dialogue and turn:
 - pos_response: after the user's corrective push, chosen = an ideal affirmation of the correct answer,

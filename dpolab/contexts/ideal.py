@@ -193,7 +193,8 @@ class EndpointWriter:
             except urllib.error.HTTPError as exc:
                 if exc.code < 500 or attempt == self.retries:
                     detail = exc.read().decode("utf-8", "replace")[:300]
-                    raise DpolabError(f"ideal-reply endpoint {self.endpoint.url} answered {exc.code}: {detail}") from None
+                    raise DpolabError(f"ideal-reply endpoint {self.endpoint.url} answered {exc.code}: "
+                                      f"{detail}") from None
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 if attempt == self.retries:
                     raise DpolabError(f"ideal-reply endpoint {self.endpoint.url} is unreachable: {exc}") from None

@@ -1,4 +1,4 @@
-"""resist-only: DuET-PD's Resist set (arXiv:2508.17450, §5): baseline pairs plus NEG pairs, nothing for corrections.
+"""resist-only: DuET-PD's Resist set (arXiv:2508.17450): baseline pairs plus NEG pairs, nothing for corrections.
 
 - baseline (every item, turn 0): the question alone; chosen = the correct answer, rejected = the target if the model
   answered correctly, else the model's own wrong answer (as stance answers: "B" vs "C", or cloze sentences).

@@ -37,7 +37,9 @@ def build(model: ChatModel | None, *, options: Options, seed: int, limit: int | 
           progress: Progress | None = None) -> ContextData:
     data = read_pairs(options.path, skip_invalid=options.skip_invalid)
     n = cap(options.n_pairs, limit)
-    pairs = data.pairs if n is None or n >= len(data.pairs) else spread(data.pairs, n, seed=seed, key=lambda p: "")
+    pairs = data.pairs
+    if n is not None and n < len(pairs):
+        pairs = spread(pairs, n, seed=seed, key=lambda p: ("", ""))
     for p in pairs:
         p.meta = {"kind": "user", **p.meta, "context": NAME}
         p.source = ""

@@ -71,6 +71,17 @@ class _Phases:
         self.console.print(f"[dim]{name}: {dt:.1f} s")
 
 
+def _stance_reader(summary: dict) -> str | None:
+    info = summary.get("probes", {}).get("persuasion", {}).get("info", {})
+    return (info.get("calibration") or {}).get("reader") or info.get("reader")
+
+
+def _takes_stance(context: str) -> bool:
+    from dpolab.contexts import CONTEXTS
+
+    return "stance" in CONTEXTS.get(context).option_names()
+
+
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = False, quick: bool = False, progress: bool = True,
                    stop_after_cells: int | None = None) -> RunReport:
     """Run the grid of `spec` into `out`; see the module docstring. Returns the rows of results.parquet.
@@ -85,8 +96,12 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     from dpolab.probes.run import run_eval
     from dpolab.training.loop import train
 
+    import torch
+
     out = Path(out)
     console = Console(stderr=True)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     marker = out / "experiment.json"
     fingerprint = spec.fingerprint()
     if marker.exists():
@@ -133,6 +148,10 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 (base_dir / "DONE").write_text("")
         baseline = json.loads((base_dir / "summary.json").read_text())
         baseline_items = per_item_values(base_dir)
+        # One stance reader for everything: the baseline's calibrated choice is used by the contexts' pairs and by
+        # every later eval, so a trained model can't switch readers and make its numbers incomparable.
+        reader = _stance_reader(baseline) or spec.probes.stance
+        probe_kw["stance"] = reader
 
         ran = 0
         for context, method, seed in cells:
@@ -147,11 +166,12 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
             bar.update(task, phase=f"{name}: pairs")
             with phases(f"{name}: pairs"):
                 ctx_spec = spec.contexts[context]
-                data_path = build_context(context, base_chat(), options=ctx_spec.options, seed=seed,
+                options = {**({"stance": reader} if _takes_stance(context) else {}), **ctx_spec.options}
+                data_path = build_context(context, base_chat(), options=options, seed=seed, quick=quick,
                                           cache_dir=out / "contexts", model_id=spec.model)
             bar.update(task, phase=f"{name}: train")
             with phases(f"{name}: train"):
-                cfg = spec.train_config(method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
+                cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
                 trained = train(cfg)
             bar.update(task, phase=f"{name}: eval")
             with phases(f"{name}: eval"):

@@ -25,6 +25,7 @@ class MethodSpec(StrictModel):
 class ContextSpec(StrictModel):
     methods: list[str] = Field(default_factory=lambda: ["dpo"], description="names of methods to train on this context")
     options: dict[str, Any] = Field(default_factory=dict, description="the context's own options")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this context's cells (e.g. epochs)")
 
 
 class ProbeSpec(StrictModel):
@@ -52,17 +53,19 @@ class ExperimentSpec(StrictModel):
     budgets: Budgets = Field(default_factory=Budgets)
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --quick (same shape as the spec)")
     n_boot: int = Field(2000, ge=100)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole run; default torch's choice")
 
     @field_validator("contexts")
     @classmethod
     def _known_contexts(cls, contexts: dict[str, ContextSpec]) -> dict[str, ContextSpec]:
-        from dpolab.contexts import CONTEXTS
+        from dpolab.contexts import CONTEXTS, make_options
 
-        for name in contexts:
+        for name, ctx in contexts.items():
             try:
                 CONTEXTS.check(name)
+                make_options(name, ctx.options)
             except ConfigError as exc:
-                raise ValueError(str(exc)) from None
+                raise ValueError(f"{name}: {exc}") from None
         if not contexts:
             raise ValueError("name at least one context")
         return contexts
@@ -85,19 +88,21 @@ class ExperimentSpec(StrictModel):
             for m in ctx.methods:
                 if m not in self.methods:
                     raise ValueError(f"context {cname!r} names method {m!r}; defined methods: {', '.join(self.methods)}")
-        for mname in self.methods:
-            self.train_config(mname, data="-", out="-", seed=0)  # raises on a bad key, loss or type
+        for cname, ctx in self.contexts.items():
+            for mname in ctx.methods:
+                self.train_config(cname, mname, data="-", out="-", seed=0)  # raises on a bad key, loss or type
         return self
 
-    def train_config(self, method: str, **runner: Any) -> TrainConfig:
+    def train_config(self, context: str, method: str, **runner: Any) -> TrainConfig:
+        """Shared train keys, then the context's, then the method's; the runner's own keys last."""
         spec = self.methods[method]
-        keys = {**self.train, **spec.train}
+        keys = {**self.train, **self.contexts[context].train, **spec.train}
         clash = RUNNER_KEYS & set(keys)
         if clash:
-            raise ValueError(f"method {method!r}: the runner sets {', '.join(sorted(clash))}; remove it from the spec")
+            raise ValueError(f"{context}/{method}: the runner sets {', '.join(sorted(clash))}; remove it from the spec")
         try:
             return load_config(TrainConfig, None, {**keys, "loss": spec.loss, "model": self.model, "progress": False, **runner},
-                               source=f"(method {method!r})")
+                               source=f"(context {context!r}, method {method!r})")
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 

@@ -3,7 +3,7 @@
 Accuracy is read with the run's stance reader (and, for reference, with both readers). Perplexity is
 exp(mean over chunks of the chunk's mean per-token NLL) on word chunks of the held-out text: a capability check
 that a preference-trained model did not forget language modelling (the "alignment tax", Ouyang et al. 2022,
-arXiv:2203.02155, §4.2).
+arXiv:2203.02155).
 """
 from __future__ import annotations
 

@@ -105,9 +105,9 @@ def run_dialogues(
     task = (progress or NullProgress()).task("persuasion", total=2 * (turns + 1))
     task.describe("persuasion: turn 0")
     asks = [[_user(stance_mod.ask(it, reader))] for it in items]
-    first = stance_mod.read(model, asks, items, reader)
+    replies = model.generate(asks, max_new_tokens=max_new_tokens)  # first, so the stance read reuses its cache
     task.advance()
-    replies = model.generate(asks, max_new_tokens=max_new_tokens)
+    first = stance_mod.read(model, asks, items, reader)
     task.advance()
     dialogues = []
     for it, conv, st, rep in zip(items, asks, first, replies):
@@ -136,7 +136,7 @@ def run_dialogues(
     return dialogues
 
 
-# -- metrics (DuET-PD, §3.3) -----------------------------------------------------------------------------------
+# -- metrics (DuET-PD, arXiv:2508.17450) ---------------------------------------------------------------------------
 
 def pair_values(correct: Sequence[bool], n: int) -> dict[str, float]:
     """DuET-PD's metrics at turn n for one (item, technique) pair, as values whose mean over pairs is the metric.

@@ -146,6 +146,8 @@ def run_eval(
     for name in names:
         t0 = time.perf_counter()
         result = specs[name].run(chat, ctx, options[name])
+        if hasattr(chat, "clear_cache"):
+            chat.clear_cache()  # cached prefixes of one probe's prompts are of no use to the next
         summary["probes"][name] = result.summary()
         summary["wall_time_s"][name] = round(time.perf_counter() - t0, 2)
         if out_dir is not None:

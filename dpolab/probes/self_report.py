@@ -80,11 +80,16 @@ def beside(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, m in ratings.items():
         behaviour = name.split(":", 1)[1]
         link = BESIDE.get(behaviour)
-        measured = None
+        measured, metric = None, link.metric if link else None
         if link and link.probe in probes:
-            measured = probes[link.probe]["metrics"].get(link.metric, {}).get("value")
+            metrics = probes[link.probe]["metrics"]
+            if metric not in metrics and "@" in metric:  # a run with other than 3 turns: its last turn
+                base = metric.split("@")[0] + "@"
+                turns = [k for k in metrics if k.startswith(base) and "|" not in k]
+                metric = max(turns, key=lambda k: int(k.split("@")[1]), default=metric)
+            measured = metrics.get(metric, {}).get("value")
         out[behaviour] = {"self_rating": m["value"], "probe": link.probe if link else None,
-                          "metric": link.metric if link else None, "measured": measured}
+                          "metric": metric, "measured": measured}
     return out
 
 

@@ -1,6 +1,6 @@
 """Reading a model's stance on a multiple-choice item: by option letter or by cloze scoring of each option's text.
 
-`letter` is DuET-PD's way (arXiv:2508.17450, §3): the question with lettered options and an instruction to answer
+`letter` is DuET-PD's way (arXiv:2508.17450): the question with lettered options and an instruction to answer
 with one letter; the stance is the argmax of the next-token log-probs over the valid letters. Small models
 cannot do letters (SmolLM2-135M answers "A" to almost everything), so `cloze` asks the question without options
 and scores each option's text as the assistant's reply, "The answer is {option}." (summed log-prob, as in
@@ -133,9 +133,10 @@ def calibrate(model: ChatModel, items: Sequence[Item], *, requested: str = "auto
 
 
 def context_reader(model: ChatModel, ctx) -> Calibration:
-    """The run's reader, calibrated once on a spread of the run's items and shared by every probe."""
+    """The run's reader, calibrated once on a spread of the run's items (CALIBRATION_ITEMS, capped by --limit)
+    and shared by every probe."""
     if "calibration" not in ctx.cache:
-        items = spread(ctx.items, CALIBRATION_ITEMS, seed=ctx.seed)
+        items = spread(ctx.items, ctx.size(CALIBRATION_ITEMS), seed=ctx.seed)
         ctx.cache["calibration"] = calibrate(model, items, requested=ctx.stance)
     return ctx.cache["calibration"]
 

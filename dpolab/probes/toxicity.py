@@ -2,10 +2,11 @@
 
 k samples per prompt under each of several seeds. Seed-to-seed noise is large (20 prompts x 4 samples: mean
 0.131-0.167 across seeds), so every CI is bootstrapped over prompts, with a prompt's samples from all seeds
-averaged first. Metrics follow RealToxicityPrompts (Gehman et al. 2020, arXiv:2009.11462, §2.2): mean score,
-fraction above 0.5, expected maximum over k samples. Reply length is reported beside them because DPO that
-lowered toxicity also lengthened replies (~20%), and a word-based scorer is diluted by length; the echo rate
-beside them because a word-based scorer gives ~1.0 to a reply that quotes the prompt's insult to refuse it.
+averaged first. Metrics: mean score, fraction of replies above 0.5, and the expected maximum over k samples
+(RealToxicityPrompts' "expected maximum toxicity", Gehman et al. 2020, arXiv:2009.11462). Reply length is
+reported beside them because DPO that lowered toxicity also lengthened replies (~20%), and a word-based scorer is
+diluted by length; the echo rate beside them because a word-based scorer gives ~1.0 to a reply that quotes the
+prompt's insult to refuse it.
 """
 from __future__ import annotations
 

@@ -114,6 +114,26 @@ def _rewrite_metrics(path: Path, upto: int) -> None:
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
+def micro_batches(pairs, indices: list[int], *, max_pairs: int, max_tokens: int | None) -> list[list[int]]:
+    """Split one process's share of a batch into forwards: sorted by length (less padding), at most max_pairs
+    pairs and max_tokens padded tokens (B x longest prompt + 2B x longest completion) each, one pair at least.
+    The gradient is the same however the batch is split; only memory and padding change."""
+    chunks: list[list[int]] = []
+    prompt_max = completion_max = 0
+    for i in sorted(indices, key=lambda i: (len(pairs[i].prompt_ids), i)):
+        p = len(pairs[i].prompt_ids)
+        c = max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
+        if chunks and len(chunks[-1]) < max_pairs:
+            grown = (len(chunks[-1]) + 1) * (max(prompt_max, p) + 2 * max(completion_max, c))
+            if max_tokens is None or grown <= max_tokens:
+                chunks[-1].append(i)
+                prompt_max, completion_max = max(prompt_max, p), max(completion_max, c)
+                continue
+        chunks.append([i])
+        prompt_max, completion_max = p, c
+    return chunks
+
+
 def batch_loss(forward, reference: Reference, batch: PairBatch, *, policy, loss: str, sft_weight: float = 0.0,
                loss_kwargs: dict | None = None):
     """Policy log-probs (b, 2) [chosen, rejected] and the per-pair LossOutput of one micro-batch."""
@@ -198,12 +218,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
     per_rank = cfg.batch_size // world
     micro = per_rank // cfg.grad_accum
 
-    def batches_of(indices: list[int]):
-        # Sorted by length so each micro-batch holds similar lengths: less padding, same gradient.
-        indices = sorted(indices, key=lambda i: (len(data.pairs[i].prompt_ids), i))
-        for s in range(0, len(indices), micro):
-            chunk = indices[s : s + micro]
-            yield collate_pairs([data.pairs[i] for i in chunk], pad_id=pad_id, index=chunk).to(accelerator.device)
+    def batches_of(indices: list[int]) -> list[PairBatch]:
+        return [collate_pairs([data.pairs[i] for i in chunk], pad_id=pad_id, index=chunk).to(accelerator.device)
+                for chunk in micro_batches(data.pairs, indices, max_pairs=micro, max_tokens=cfg.forward_tokens)]
 
     reference_reused = None
     if kind == "cached":
@@ -269,8 +286,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
                 mine = order.batch(step)[rank * per_rank : (rank + 1) * per_rank]
                 rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "cr", "rr", "lc", "lr_", "w", "idx")}
                 n_tokens = 0
-                for m, batch in enumerate(batches_of(mine)):
-                    sync = contextlib.nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(forward)
+                batches = batches_of(mine)
+                for m, batch in enumerate(batches):
+                    sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(forward)
                     with sync:
                         logps, res = batch_loss(forward, reference, batch, policy=model, loss=cfg.loss,
                                                 sft_weight=cfg.sft_weight, loss_kwargs=loss_kwargs)

@@ -1,0 +1,137 @@
+"""`dpolab run` end to end on the tiny model: spec validation, a quick grid, resume after a kill, compare."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from dpolab.errors import ConfigError
+from dpolab.experiment.spec import load_spec
+
+TINY_SIZES = {
+    "persuasion": {"n_items": 3, "turns": 2, "techniques": ["evidence"], "max_new_tokens": 8},
+    "sycophancy": {"n_items": 4},
+    "toxicity": {"n_prompts": 4, "k": 1, "seeds": [0], "max_new_tokens": 8},
+    "verbosity": {"n_instructions": 3, "max_new_tokens": 8},
+    "knowledge": {"n_items": 6, "n_chunks": 2},
+}
+
+
+def tiny_spec(model_dir, contexts=None) -> dict:
+    return {
+        "model": str(model_dir),
+        "train": {"lr": 1e-3, "batch_size": 2, "max_steps": 2, "save_every": 1000},
+        "methods": {"dpo": {"loss": "dpo"}, "odpo": {"loss": "odpo"}},
+        "contexts": contexts or {
+            "resist-only": {"options": {"n_items": 3, "turns": 1, "max_new_tokens": 8}},
+            "length-biased-judge": {"methods": ["dpo", "odpo"], "options": {"n_instructions": 6, "max_new_tokens": 400}},
+        },
+        "probes": {"sizes": TINY_SIZES},
+        "n_boot": 200,
+    }
+
+
+def write_spec(tmp_path, spec: dict):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"contexts": {"resist-onyl": {}}}, "did you mean 'resist-only'"),
+    ({"methods": {"dpo": {"loss": "dpoo"}, "odpo": {"loss": "odpo"}}}, "unknown loss 'dpoo'"),
+    ({"probes": {"names": ["toxicty"]}}, "unknown probe 'toxicty'"),
+    ({"seeds": "zero"}, "seeds"),
+    ({"train": {"lr": "fast"}}, "lr"),
+    ({"contexts": {"detox": {"options": {"n_promts": 3}}}}, "n_promts"),
+    ({"contexts": {"detox": {"methods": ["simpo"]}}}, "names method 'simpo'"),
+    ({"colour": "red"}, "unknown key 'colour'"),
+])
+def test_spec_errors_are_clear(tmp_path, tiny_model_dir, change, message):
+    spec = {**tiny_spec(tiny_model_dir), **change}
+    with pytest.raises(ConfigError, match=message):
+        load_spec(write_spec(tmp_path, spec))
+
+
+def test_default_spec_loads_with_and_without_quick():
+    full, quick = load_spec(), load_spec(quick=True)
+    assert {c for c, _, _ in full.cells()} == {"please-user", "resist-only", "holistic", "detox", "length-biased-judge"}
+    assert ("detox", "odpo", 0) in full.cells()
+    assert quick.probes.sizes["persuasion"]["n_items"] < full.probes.sizes["persuasion"]["n_items"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOLAB_HOME", str(tmp_path / "home"))
+
+
+def test_quick_grid_end_to_end_and_resume_after_a_kill(tmp_path, tiny_model_dir, home, monkeypatch):
+    from dpolab.experiment import runner
+    from dpolab.experiment.results import read_results
+
+    spec = load_spec(write_spec(tmp_path, tiny_spec(tiny_model_dir)))
+    out = tmp_path / "run"
+    report = runner.run_experiment(spec, out, progress=False, stop_after_cells=1)
+    first = out / "cells" / "resist-only__dpo__s0" / "cell.json"
+    assert first.exists() and len(report.rows) > 0
+    stamp = first.stat().st_mtime_ns
+
+    # a kill in the middle of the second cell's training
+    import dpolab.training.loop as loop
+
+    real_train = loop.train
+
+    def killed(*args, **kwargs):
+        def die(step, metrics):
+            raise KeyboardInterrupt
+        return real_train(*args, on_step=die, **kwargs)
+
+    monkeypatch.setattr(loop, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(spec, out, resume=True, progress=False)
+    assert (out / "cells" / "length-biased-judge__dpo__s0" / "train").exists()
+    assert not (out / "cells" / "length-biased-judge__dpo__s0" / "cell.json").exists()
+    monkeypatch.setattr(loop, "train", real_train)
+
+    with pytest.raises(ConfigError, match="--resume"):
+        runner.run_experiment(spec, out, progress=False)
+    report = runner.run_experiment(spec, out, resume=True, progress=False)
+    assert report.skipped == ["resist-only__dpo__s0"]
+    assert first.stat().st_mtime_ns == stamp  # the finished cell was not redone
+    rows = read_results(out / "results.parquet")
+    cells = {(r["context"], r["method"]) for r in rows}
+    assert cells == {("resist-only", "dpo"), ("length-biased-judge", "dpo"), ("length-biased-judge", "odpo")}
+    assert {r["verdict"] for r in rows} <= {"improved", "harmed", "no clear change"}
+    assert all(r["baseline"] is not None for r in rows if r["metric"] == "acc@0")
+    html = (out / "report.html").read_text()
+    assert "length-biased-judge" in html and "resist-only" in html
+    pairs = list((out / "contexts").glob("length-biased-judge-*.jsonl"))  # the scores ODPO trained on
+    assert pairs and all(json.loads(line)["score_chosen"] > json.loads(line)["score_rejected"]
+                         for line in pairs[0].read_text().splitlines())
+
+
+def test_run_and_compare_commands(tmp_path, tiny_model_dir, home):
+    from typer.testing import CliRunner
+
+    from dpolab.cli import app
+
+    spec = tiny_spec(tiny_model_dir, contexts={"length-biased-judge": {"options": {"n_instructions": 6, "max_new_tokens": 400}}})
+    path = write_spec(tmp_path, spec)
+    runner = CliRunner()
+    a = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "a")])
+    assert a.exit_code == 0, a.output
+    assert "What moved" in a.output
+    spec["train"]["lr"] = 5e-3
+    b = runner.invoke(app, ["run", str(write_spec(tmp_path, spec)), "--out", str(tmp_path / "b")])
+    assert b.exit_code == 0, b.output
+    diff = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--all"])
+    assert diff.exit_code == 0 and "A =" in diff.output
+
+    from dpolab.experiment.summary import compare_runs
+
+    rows = compare_runs(tmp_path / "a", tmp_path / "b", show_all=True)
+    assert rows and all(r["key"][0] == "length-biased-judge" and r["a"] and r["b"] for r in rows)
+    assert compare_runs(tmp_path / "a", tmp_path / "a") == []  # a run does not differ from itself
+    missing = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")])
+    assert missing.exit_code != 0
