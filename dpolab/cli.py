@@ -187,7 +187,7 @@ def eval_(
 
     from dpolab.config import parse_value
     from dpolab.probes import run_eval
-    from dpolab.probes.run import RichProgress, summary_table
+    from dpolab.probes.run import RichProgress, beside_table, summary_table
 
     if threads is not None:
         import torch
@@ -204,7 +204,10 @@ def eval_(
     with RichProgress(console=console) as bars:
         summary = run_eval(model, probes=probes, items=items, limit=limit, out=out, seed=seed, sizes=sizes,
                            stance=stance, batch_size=batch_size, progress=bars)
-    Console().print(summary_table(summary, headline_only=not all_metrics))
+    table_console = Console(width=None if sys.stdout.isatty() else 120)
+    table_console.print(summary_table(summary, headline_only=not all_metrics))
+    if "beside" in summary["probes"].get("self_report", {}):
+        table_console.print(beside_table(summary))
     typer.echo(f"wrote {out}/summary.json and per-probe Parquet files ({summary['wall_time_s']['total']:.0f} s)")
 
 
@@ -214,7 +217,7 @@ def bench_eval_cmd(
     n_items: int = typer.Option(4, "--items", min=1, help="test items; each runs once per technique"),
     techniques: str | None = typer.Option(None, "--techniques", help="comma-separated appeal techniques (default: all 7)"),
     turns: int = typer.Option(3, "--turns", min=1, help="persuasion turns after turn 0"),
-    max_new_tokens: int = typer.Option(40, "--max-new-tokens", min=1, help="bound on each reply"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="bound on each reply"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="dialogues per generate call in the batched run"),
     reader: str = typer.Option("cloze", "--reader", help="stance reader for both runs: cloze or letter"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),

@@ -83,7 +83,9 @@ def _manual_logprob(loaded, model: HFChatModel, conv, text) -> float:
 
 def test_continuation_scores_match_an_unpadded_forward(loaded):
     model = HFChatModel(loaded, prefix_cache_bytes=0, score_batch_size=4)
-    conts = [["The answer is Paris.", "No"], ["Rome", "The answer is Berlin, surely."], ["x", "yy", "zzz"]]
+    # the second and third share a head that runs once with the prompt; "yes" and "yes!" share all but one token
+    conts = [["The answer is Paris.", "No"], ["The answer is Rome.", "The answer is Berlin, surely."],
+             ["yes", "yes!", "The answer is x."]]
     got = model.score_continuations(CONVS, conts)
     for conv, texts, row in zip(CONVS, conts, got):
         for text, value in zip(texts, row):
@@ -93,7 +95,7 @@ def test_continuation_scores_match_an_unpadded_forward(loaded):
 def test_grouped_and_flat_scoring_agree(loaded):
     model = HFChatModel(loaded, prefix_cache_bytes=0)
     prompts = [model.prompt_ids(c) for c in CONVS]
-    conts = [[model._ids("The answer is A."), model._ids("B")] for _ in CONVS]
+    conts = [[model._ids("The answer is A."), model._ids("The answer is B, surely.")] for _ in CONVS]
     grouped = scoring.grouped_continuation_logprobs(loaded.model, prompts, conts, pad_id=model.pad_id, batch_size=4)
     flat = scoring.continuation_logprobs(loaded.model, [p for p in prompts for _ in range(2)],
                                          [c for cs in conts for c in cs], pad_id=model.pad_id, batch_size=3)

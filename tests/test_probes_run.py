@@ -106,8 +106,12 @@ def test_self_report_sits_beside_the_measured_behaviour():
 def test_options_are_checked_and_coerced():
     with pytest.raises(ConfigError, match="unknown option.*choose from"):
         run_eval(FakeChatModel(), probes="persuasion", sizes={"persuasion": {"turnz": 2}})
-    with pytest.raises(Exception, match="did you mean 'toxicity'"):
+    with pytest.raises(ConfigError, match="did you mean 'toxicity'"):
         run_eval(FakeChatModel(), probes="toxicty")
+    with pytest.raises(ConfigError, match="did you mean 'toxicity'"):
+        run_eval(FakeChatModel(), probes="verbosity", sizes={"toxicty": {"k": 1}})
+    with pytest.raises(ConfigError, match="choose from auto, letter, cloze"):
+        run_eval(FakeChatModel(), probes="persuasion", stance="letters")
     spec = PROBES.get("persuasion")
     opts = spec.make_options({"techniques": "evidence, logical", "turns": "2", "n_items": "none"})
     assert opts.techniques == ("evidence", "logical") and opts.turns == 2 and opts.n_items is None

@@ -146,6 +146,17 @@ def continuation_logprobs(
     return out
 
 
+def _shared_head(conts: Sequence[Sequence[int]]) -> int:
+    """Tokens that every continuation starts with, leaving each at least one token of its own."""
+    if not conts or min(len(c) for c in conts) == 0:
+        return 0
+    limit = min(len(c) for c in conts) - 1
+    n = 0
+    while n < limit and all(c[n] == conts[0][n] for c in conts):
+        n += 1
+    return n
+
+
 @torch.inference_mode()
 def grouped_continuation_logprobs(
     model: torch.nn.Module,
@@ -158,49 +169,60 @@ def grouped_continuation_logprobs(
 ) -> list[list[float]]:
     """Summed log p(continuation | prompt) for several continuations of each prompt, running each prompt once.
 
-    Each prompt (e.g. a long dialogue history) runs once with a KV cache; the cache rows are repeated for each
-    of its continuations (e.g. the options of a question), which then run as one short right-padded batch on
-    top. Equal to `continuation_logprobs` on the concatenations, at a fraction of the cost when prompts are long
-    and continuations short.
+    Each prompt (e.g. a long dialogue history), extended by the tokens all its continuations share (e.g.
+    "The answer is"), runs once with a KV cache. The continuations' own tails then run on copies of the cache
+    rows, in chunks of similar length (less padding). Equal to `continuation_logprobs` on the concatenations, at
+    a fraction of the cost when prompts are long and continuations short.
 
-    batch_size: continuation rows per forward pass; prompts per pass = batch_size // (continuations per prompt).
-    prefixes: optional cached prefix per prompt.
+    batch_size: prompts per pass, and continuation rows per chunk.
+    prefixes: optional cached prefix per prompt (`pack`).
     """
+    from transformers import DynamicCache
+
     out: list[list[float]] = [[0.0] * len(c) for c in continuations]
-    widest = max((len(c) for c in continuations), default=1) or 1
     config = getattr(model, "config", None)
-    for batch in batches([len(p) for p in prompts], batch_size // widest):
-        owner = [b for b, i in enumerate(batch) for _ in continuations[i]]
-        conts = [list(c) for i in batch for c in continuations[i]]
-        if not conts:
-            continue
-        packed = pack([prompts[i] for i in batch], pad_id, config=config,
+    for batch in batches([len(p) for p in prompts], batch_size):
+        heads = [_shared_head(continuations[i]) for i in batch]
+        rows = [list(prompts[i]) + list(continuations[i][0][:h]) if h else list(prompts[i])
+                for i, h in zip(batch, heads)]
+        packed = pack(rows, pad_id, config=config,
                       prefixes=[prefixes[i] for i in batch] if prefixes is not None else None)
-        res = _run_new(model, packed, use_cache=True, logits_to_keep=1)
-        sel = torch.tensor(owner, dtype=torch.long)  # (R,) prompt row of each continuation row
-        first = res.logits[:, -1].float().log_softmax(-1)[sel]  # (R, V): predicts each continuation's 1st token
-        width = max(len(c) for c in conts)
-        cids = torch.full((len(conts), max(width, 1)), pad_id, dtype=torch.long)  # (R, W) right-padded
-        cmask = torch.zeros_like(cids)
-        for r, c in enumerate(conts):
-            if c:
-                cids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
-                cmask[r, : len(c)] = 1
-        tok = torch.zeros_like(cids, dtype=torch.float)  # (R, W) log-prob of each continuation token
-        tok[:, 0] = first.gather(-1, cids[:, :1]).squeeze(-1)
-        if width > 1:
-            cache = res.past_key_values
-            cache.reorder_cache(sel)  # repeat each prompt's cache rows once per continuation
-            cpos = packed.pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
-            logits = model(input_ids=cids, attention_mask=torch.cat([packed.mask[sel], cmask], dim=1),
-                           position_ids=cpos, past_key_values=cache, use_cache=True).logits  # (R, W, V)
-            tok[:, 1:] = logits[:, :-1].float().log_softmax(-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
-        tok = tok * cmask  # (R, W) zero beyond each continuation's end
-        r = 0
-        for i in batch:
-            for j in range(len(continuations[i])):
-                out[i][j] = float(tok[r].sum())
-                r += 1
+        keep = max(heads) + 1
+        res = _run_new(model, packed, use_cache=True, logits_to_keep=keep)
+        last = res.logits[:, -keep:].float().log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j+1
+        head_lp = []
+        for b, (i, h) in enumerate(zip(batch, heads)):
+            ids = torch.tensor(list(continuations[i][0][:h]), dtype=torch.long)
+            head_lp.append(float(last[b, keep - 1 - h: keep - 1].gather(-1, ids[:, None]).sum()) if h else 0.0)
+        first = last[:, -1]  # (B, V): predicts the first token of each tail
+        layers = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
+        tails = [(b, j, list(continuations[i][j][h:])) for b, (i, h) in enumerate(zip(batch, heads))
+                 for j in range(len(continuations[i]))]
+        for chunk in batches([len(t[2]) for t in tails], batch_size):
+            sel = torch.tensor([tails[r][0] for r in chunk], dtype=torch.long)  # (R,) prompt row of each tail
+            conts = [tails[r][2] for r in chunk]
+            width = max(len(c) for c in conts)
+            if width == 0:
+                continue
+            cids = torch.full((len(conts), width), pad_id, dtype=torch.long)  # (R, W) right-padded
+            cmask = torch.zeros_like(cids)
+            for r, c in enumerate(conts):
+                if c:
+                    cids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+                    cmask[r, : len(c)] = 1
+            tok = torch.zeros_like(cids, dtype=torch.float)  # (R, W) log-prob of each tail token
+            tok[:, 0] = first[sel].gather(-1, cids[:, :1]).squeeze(-1)
+            if width > 1:
+                cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in layers],
+                                     config=config)  # the prompt's cache rows, once per tail
+                cpos = packed.pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
+                logits = model(input_ids=cids, attention_mask=torch.cat([packed.mask[sel], cmask], dim=1),
+                               position_ids=cpos, past_key_values=cache, use_cache=True).logits  # (R, W, V)
+                tok[:, 1:] = logits[:, :-1].float().log_softmax(-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
+            tok = tok * cmask  # (R, W) zero beyond each tail's end
+            for r_i, r in enumerate(chunk):
+                b, j, c = tails[r]
+                out[batch[b]][j] = head_lp[b] + float(tok[r_i].sum()) if c else head_lp[b]
     return out
 
 

@@ -45,7 +45,7 @@ def bench_eval(
     n_items: int = 4,
     techniques: Sequence[str] = TECHNIQUES,
     turns: int = 3,
-    max_new_tokens: int = 40,
+    max_new_tokens: int = 32,
     batch_size: int = 32,
     reader: str = "cloze",
     items: str | None = None,

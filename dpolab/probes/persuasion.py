@@ -33,10 +33,10 @@ class Options:
     appeals: a JSONL of appeal templates replacing the shipped bank.
     """
 
-    n_items: int | None = 12
+    n_items: int | None = 10
     turns: int = 3
     techniques: tuple[str, ...] = TECHNIQUES
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     appeals: str | None = None
 
 

@@ -70,6 +70,16 @@ def default_sizes() -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(PROBES.get(name).options()) for name in PROBES.names()}
 
 
+def _check_probe(name: str) -> None:
+    from dpolab.probes import PROBES
+    from dpolab.registry import RegistryError
+
+    try:
+        PROBES.check(name)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def parse_probes(probes: str | Sequence[str] | None) -> list[str]:
     from dpolab.probes import PROBES
 
@@ -80,7 +90,7 @@ def parse_probes(probes: str | Sequence[str] | None) -> list[str]:
     if not names:
         raise ConfigError(f"no probe given; choose from {', '.join(PROBES.names())}")
     for n in names:
-        PROBES.check(n)
+        _check_probe(n)
     # self_report runs last so its ratings can be shown beside the behaviours measured in the same run
     return sorted(dict.fromkeys(names), key=lambda n: n == "self_report")
 
@@ -115,7 +125,11 @@ def run_eval(
     names = parse_probes(probes)
     sizes = dict(sizes or {})
     for key in sizes:
-        PROBES.check(key)
+        _check_probe(key)
+    from dpolab.probes.stance import STANCE_CHOICES
+
+    if stance not in STANCE_CHOICES:
+        raise ConfigError(f"unknown stance reader {stance!r}; choose from {', '.join(STANCE_CHOICES)}")
     specs = {n: PROBES.get(n) for n in names}
     options = {n: specs[n].make_options(sizes.get(n)) for n in names}
     if limit is not None and limit < 1:
@@ -210,8 +224,17 @@ def summary_table(summary: dict[str, Any], *, headline_only: bool = True):
                 continue
             table.add_row(probe, name, fmt(m["value"]), f"[{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]", str(m["n"]),
                           "higher" if m["higher_is_better"] else "lower")
-        if probe == "self_report" and "beside" in res:
-            for b, v in res["beside"].items():
-                if v["metric"]:
-                    table.add_row(probe, f"  {b} measured: {v['probe']}.{v['metric']}", fmt(v["measured"]), "", "", "")
+    return table
+
+
+def beside_table(summary: dict[str, Any]):
+    """The model's self-ratings (1-5) next to the behaviour the other probes measured."""
+    from rich.table import Table
+
+    table = Table(title="self-report beside the measured behaviour")
+    for col in ("behaviour", "self-rating (1-5)", "measured by", "measured"):
+        table.add_column(col, justify="right" if col in ("self-rating (1-5)", "measured") else "left")
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for b, v in summary["probes"]["self_report"]["beside"].items():
+        table.add_row(b, fmt(v["self_rating"]), f"{v['probe']}.{v['metric']}" if v["metric"] else "-", fmt(v["measured"]))
     return table

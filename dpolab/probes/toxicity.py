@@ -33,7 +33,7 @@ class Options:
     n_prompts: int | None = 50
     k: int = 2
     seeds: tuple[int, ...] = (0, 1)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     temperature: float = 1.0
     scorer: str = "profanity"
     prompts: str | None = None

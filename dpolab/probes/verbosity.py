@@ -20,7 +20,7 @@ class Options:
     instructions: a JSONL of {"id","instruction"} replacing the shipped bank's test split.
     """
 
-    n_instructions: int | None = 40
+    n_instructions: int | None = 32  # one generate batch at the default --batch-size
     max_new_tokens: int = 192
     instructions: str | None = None
 
