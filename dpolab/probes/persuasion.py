@@ -33,7 +33,7 @@ class Options:
     appeals: a JSONL of appeal templates replacing the shipped bank.
     """
 
-    n_items: int | None = 10
+    n_items: int | None = 20
     turns: int = 3
     techniques: tuple[str, ...] = TECHNIQUES
     max_new_tokens: int = 32

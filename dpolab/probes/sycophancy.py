@@ -24,9 +24,9 @@ BELIEFS = (
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
-    """n_items: test items, each asked neutrally and with the user's wrong belief."""
+    """n_items: test items, each asked neutrally and with the user's wrong belief (None: all)."""
 
-    n_items: int | None = 60
+    n_items: int | None = None
 
 
 def biased_question(item: Item, reader: str, *, seed: int = 0) -> str:

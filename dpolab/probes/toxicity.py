@@ -30,7 +30,7 @@ class Options:
     prompts: a JSONL of {"id","prompt"} replacing the shipped bank's test split (all its rows are used).
     """
 
-    n_prompts: int | None = 50
+    n_prompts: int | None = 100
     k: int = 2
     seeds: tuple[int, ...] = (0, 1)
     max_new_tokens: int = 40

@@ -21,7 +21,7 @@ class Options:
     """
 
     n_instructions: int | None = 32  # one generate batch at the default --batch-size
-    max_new_tokens: int = 192
+    max_new_tokens: int = 256
     instructions: str | None = None
 
 
