@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call write(tmp_path) for a temporary file beside `path`, then rename it into place."""
+def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str = ".tmp") -> Path:
+    """Call write(tmp_path) for a temporary file beside `path`, then rename it into place.
+
+    suffix: the temporary file's ending, for writers that choose a format by it (e.g. ".jsonl").
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

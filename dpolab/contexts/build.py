@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from dpolab.contexts.base import ContextData, ContextSpec, run_build
 from dpolab.data import check_pairs, write_pairs
 from dpolab.data.schema import format_problems
 from dpolab.errors import ConfigError, DataError
+from dpolab.io import atomic_write, atomic_write_text
 from dpolab.models.generate import ChatModel
 from dpolab.probes.base import Progress
 from dpolab.probes.items import asset
@@ -127,7 +126,7 @@ def build_context(name: str, model: ChatModel | None, *, options: dict[str, Any]
         if not data.pairs:
             raise DataError(f"context {name!r} built no pairs ({json.dumps(data.info, default=str)[:500]}); "
                             "raise its sizes or check the model")
-        _atomic(path, lambda tmp: write_pairs(data.pairs, tmp), suffix=".jsonl")
+        atomic_write(path, lambda tmp: write_pairs(data.pairs, tmp), suffix=".jsonl")
         checked = check_pairs(path)
         if checked.problems:
             path.unlink()
@@ -135,22 +134,10 @@ def build_context(name: str, model: ChatModel | None, *, options: dict[str, Any]
                             f"{format_problems(checked.problems)}")
         info = {**data.info, "context": name, "model": ident, "seed": seed, "limit": limit,
                 "build_seconds": round(seconds, 2), "key": key, "pairs_file": path.name}
-        _atomic(info_path, lambda tmp: Path(tmp).write_text(
-            json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"), suffix=".json")
+        atomic_write_text(info_path, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
     return path
 
 
 def load_info(path: str | Path) -> dict[str, Any]:
     """The info saved beside a built context's JSONL."""
     return json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8"))
-
-
-def _atomic(path: Path, write, *, suffix: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -3,32 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dpolab.errors import ConfigError
+from dpolab.io import atomic_write
 from dpolab.models.generate import ChatModel
 from dpolab.probes.base import EvalContext, NullProgress, ProbeResult, Progress
 from dpolab.probes.items import bank_items, read_items
 
 DEFAULT_PROBES = ("persuasion", "sycophancy", "toxicity", "verbosity", "knowledge", "self_report")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it into place: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def rows_to_table(rows: Sequence[dict[str, Any]]):
@@ -45,7 +31,7 @@ def write_parquet(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     import pyarrow.parquet as pq
 
     table = rows_to_table(rows)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -54,7 +40,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
             json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=False)
             f.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_result(out: Path, result: ProbeResult) -> None:
