@@ -64,6 +64,7 @@ class TrainConfig(StrictModel):
     # bookkeeping
     save_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1)
+    final_checkpoint: bool = Field(True, description="also checkpoint after the last step (optimizer state included)")
     save_model: bool = Field(True, description="write OUT/model (merged weights) at the end")
     progress: bool = True
 

@@ -277,3 +277,10 @@ def test_invalid_rows_refused_or_skipped(tiny_model_dir, tmp_path):
         _run(tiny_model_dir, path, tmp_path / "o")
     result = _run(tiny_model_dir, path, tmp_path / "o2", skip_invalid=True, max_steps=1)
     assert result.n_skipped == 1 and result.n_pairs == 7
+
+
+def test_final_checkpoint_can_be_skipped(tiny_model_dir, pairs_file, tmp_path):
+    from dpolab.training.checkpoint import list_checkpoints
+
+    _run(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=3, save_every=2, final_checkpoint=False)
+    assert [c.step for c in list_checkpoints(tmp_path / "o")] == [2]

@@ -345,7 +345,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
                 bar.update(task, advance=1, info=f"loss {metrics['loss']:.4f} margin {metrics['rewards/margins']:+.3f}")
                 if on_step is not None:
                     on_step(step + 1, metrics)
-                if (step + 1) % cfg.save_every == 0 or step + 1 == total_steps:
+                if (step + 1) % cfg.save_every == 0 or (step + 1 == total_steps and cfg.final_checkpoint):
                     checkpoint(step + 1)
     except KeyboardInterrupt:
         if result.steps > saved_step:
