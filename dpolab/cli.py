@@ -73,6 +73,9 @@ def bench_train(
 
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, with no traceback."""
+    from dpolab.runtime import tune_allocator
+
+    tune_allocator()
     try:
         app()
     except DpolabError as exc:

@@ -67,3 +67,23 @@ def test_headlines_name_what_moved():
              "value": 48, "delta": 8, "delta_ci_low": 3, "delta_ci_high": 12, "verdict": "harmed"}]
     (s,) = headlines(rows)
     assert s.startswith("dpo on detox: improved toxicity 0.15 → 0.05") and "harmed reply length" in s
+
+
+def test_seed_findings_follow_the_sign_of_the_ci():
+    from dpolab.experiment.summary import seed_findings
+
+    def row(context, probe, metric, lo, hi):
+        return {"context": context, "method": "dpo", "seed": 0, "probe": probe, "metric": metric, "baseline": 0.5,
+                "value": 0.5 + (lo + hi) / 2, "delta": (lo + hi) / 2, "delta_ci_low": lo, "delta_ci_high": hi, "n": 10}
+
+    rows = [row("detox", "toxicity", "mean_score", -0.1, -0.02),             # expected fall, fell
+            row("length-biased-judge", "verbosity", "mean_tokens", -9, -2),  # expected rise, fell
+            row("resist-only", "persuasion", "neg_acc@3", -0.1, 0.3),        # CI contains 0
+            row("holistic", "persuasion", "pos_flip@3", -0.1, 0.1),          # expected to stay, stayed
+            row("holistic", "persuasion", "pos_flip@1", -0.5, -0.1),         # not a seed finding's metric
+            row("please-user", "toxicity", "mean_score", 0.1, 0.2)]          # nor this
+    found = {(f["context"], f["metric"]): f["status"] for f in seed_findings(rows)}
+    assert found == {("detox", "toxicity · mean_score"): "reproduced",
+                     ("length-biased-judge", "verbosity · mean_tokens"): "opposite",
+                     ("resist-only", "persuasion · neg_acc@3"): "not shown",
+                     ("holistic", "persuasion · pos_flip@3"): "reproduced"}

@@ -92,12 +92,19 @@ def test_continuation_scores_match_an_unpadded_forward(loaded):
             assert value == pytest.approx(_manual_logprob(loaded, model, conv, text), abs=1e-4)
 
 
-def test_grouped_and_flat_scoring_agree(loaded):
+@pytest.mark.parametrize("block", [True, False])
+def test_grouped_and_flat_scoring_agree(loaded, block):
+    """Both ways of running the tails (side by side under a block mask, or on cache copies) equal running every
+    prompt + continuation in full; tails of different lengths, one of a single token, a different count per prompt."""
+    assert loaded.model.config._attn_implementation == "sdpa"  # the default path is the block mask
     model = HFChatModel(loaded, prefix_cache_bytes=0)
     prompts = [model.prompt_ids(c) for c in CONVS]
-    conts = [[model._ids("The answer is A."), model._ids("The answer is B, surely.")] for _ in CONVS]
-    grouped = scoring.grouped_continuation_logprobs(loaded.model, prompts, conts, pad_id=model.pad_id, batch_size=4)
-    flat = scoring.continuation_logprobs(loaded.model, [p for p in prompts for _ in range(2)],
+    texts = [["The answer is A.", "The answer is B, surely."], ["The answer is A.", "The answer is C", "The answer is Q!"],
+             ["no", "yes, it is", "x"]]
+    conts = [[model._ids(t) for t in row] for row in texts]
+    grouped = scoring.grouped_continuation_logprobs(loaded.model, prompts, conts, pad_id=model.pad_id, batch_size=2,
+                                                    block=block)
+    flat = scoring.continuation_logprobs(loaded.model, [p for p, cs in zip(prompts, conts) for _ in cs],
                                          [c for cs in conts for c in cs], pad_id=model.pad_id, batch_size=3)
     assert [x for row in grouped for x in row] == pytest.approx(flat, abs=1e-4)
 
@@ -157,3 +164,46 @@ def test_prefix_cache_longest_prefix_eviction_and_budget():
     cache.add([20, 21], kv(2))  # over budget: the least recently used ([1..5]) goes
     assert cache.lookup([1, 2, 3, 4, 5, 6]) is None
     assert cache.lookup([7, 8, 9, 0]).length == 3
+
+
+def test_growing_cache_matches_dynamic_cache(loaded):
+    """The in-place cache holds exactly what DynamicCache's concatenation holds, through updates that outgrow its
+    spare room, a crop and a batch selection."""
+    from transformers import DynamicCache
+
+    config = loaded.model.config
+    grow, plain = scoring.growing_cache(config), DynamicCache(config=config)
+    torch.manual_seed(0)
+    H, D = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    B = 2
+    for step, n in enumerate([5, 1, 1, 70, 1, 3]):
+        kv = [(torch.randn(B, H, n, D), torch.randn(B, H, n, D)) for _ in grow.layers]
+        for i, (k, v) in enumerate(kv):
+            a, b = grow.layers[i].update(k, v), plain.layers[i].update(k, v)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        if step == 2:
+            grow.crop(-2), plain.crop(-2)
+        if step == 4:
+            idx = torch.tensor([1])
+            grow.batch_select_indices(idx), plain.batch_select_indices(idx)
+            B = 1
+    assert grow.get_seq_length() == plain.get_seq_length() == 5 + 1 + 1 - 2 + 70 + 1 + 3
+    for g, p in zip(grow.layers, plain.layers):
+        assert torch.equal(g.keys, p.keys) and torch.equal(g.values, p.values)
+
+
+def test_generation_with_the_growing_cache_is_unchanged(loaded):
+    fast = HFChatModel(loaded, batch_size=3)
+    slow = HFChatModel(loaded, batch_size=3)
+    slow.grow_in_place, slow.cache = False, None
+    assert fast.grow_in_place
+    history_a = [list(c) for c in CONVS]
+    history_b = [list(c) for c in CONVS]
+    for _ in range(2):  # the second turn starts from the prefix cache
+        ga = fast.generate(history_a, max_new_tokens=10)
+        gb = slow.generate(history_b, max_new_tokens=10)
+        assert ga == gb
+        history_a = [h + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "and?"}]
+                     for h, g in zip(history_a, ga)]
+        history_b = [h + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "and?"}]
+                     for h, g in zip(history_b, gb)]

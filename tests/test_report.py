@@ -321,6 +321,7 @@ def test_report_shows_every_section(report, experiment):
     assert "results.parquet: " in html and "<details>" in html
     assert "please_user__dpo__s0: train" in html and "budget 30.0 min" in html
     assert "same way" in html or "opposite way" in html or "rating flat" in html
+    assert "Seed findings" in html and "DPO on toxicity preferences lowers toxicity" in html  # the detox cell
 
 
 def test_cell_missing_a_probe_renders_blank(report):

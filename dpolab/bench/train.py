@@ -53,6 +53,7 @@ from dpolab.errors import ConfigError, DpolabError
 
 SYSTEMS = {
     "dpolab": "dpolab, cached reference, prefix-shared forward",
+    "dpolab-lowmem": "dpolab, cached reference, prefix-shared forward, forward_tokens 512 (less memory, a little slower)",
     "dpolab-concat": "dpolab, cached reference, concatenated forward",
     "trl-default": "TRL DPOTrainer defaults (gradient checkpointing on, reference model each step)",
     "trl-precompute": "TRL DPOTrainer, gradient checkpointing off, precompute_ref_log_probs",
@@ -175,6 +176,7 @@ def _peak_rss_mb() -> float:
 
 
 def _run_dpolab(spec: dict) -> dict:
+    from dpolab.config import TrainConfig
     from dpolab.training.loop import train
 
     marks: list[float] = []
@@ -182,6 +184,7 @@ def _run_dpolab(spec: dict) -> dict:
     result = train(model=spec["model"], data=spec["data"], out=spec["out"], loss="dpo", beta=spec["beta"], lr=spec["lr"],
                    batch_size=spec["batch_size"], max_steps=spec["steps"], reference="auto",
                    forward="concat" if spec["system"] == "dpolab-concat" else "prefix", threads=spec["threads"],
+                   forward_tokens=512 if spec["system"] == "dpolab-lowmem" else TrainConfig().forward_tokens,
                    shuffle=False, schedule="constant", warmup_steps=0, weight_decay=0.0, adam_betas=(0.9, 0.999),
                    max_grad_norm=1.0, seed=spec["seed"], max_length=8192, save_model=False, save_every=10**9,
                    progress=False, on_step=lambda step, m: marks.append(time.perf_counter()))
@@ -334,6 +337,11 @@ def summarize(runs: dict[str, SystemRun], *, flops: float, matmul_peak: float) -
         "trl_leanest": leanest.system if leanest else None,
         "model_flops_per_run": flops,
         "systems": {k: asdict(v) for k, v in runs.items()},
+        # dpolab's other configurations (dpolab-lowmem, dpolab-concat) against the same TRL runs
+        "variants": {k: {"pairs_per_s": v.pairs_per_s, "peak_rss_mb": v.peak_rss_mb,
+                         "speedup": v.pairs_per_s / fastest.pairs_per_s if fastest else None,
+                         "memory_ratio": v.peak_rss_mb / leanest.peak_rss_mb if leanest else None}
+                     for k, v in runs.items() if k.startswith("dpolab-")},
     })
     return out
 
@@ -413,6 +421,8 @@ def format_table(result: dict) -> str:
             f"{f(w['dpolab_model_flops_per_s'] and w['dpolab_model_flops_per_s'] / 1e9, '.1f')} G = "
             f"{f(w['model_flops_fraction_of_peak'] and 100 * w['model_flops_fraction_of_peak'], '.1f')}% of the "
             f"{w['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak")
+        for system, v in w.get("variants", {}).items():
+            lines.append(f"{name}: {system}: speedup {f(v['speedup'], '.2f')}x; memory {f(v['memory_ratio'], '.2f')}x")
     lines.append("(one repetition per system; each system in a fresh process)")
     return "\n".join(lines)
 

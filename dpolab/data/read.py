@@ -6,7 +6,15 @@ from pathlib import Path
 
 from dpolab.data.formats import read_raw
 from dpolab.data.schema import PreferencePair, Problem, format_problems, parse_row
-from dpolab.data.tokenization import PairTokenizationError, TokenizationSettings, end_of_turn_id, tokenize_pair
+from dpolab.data.tokenization import (
+    PairTokenizationError,
+    TokenizationSettings,
+    TokenizedData,
+    TokenizedPair,
+    end_of_turn_id,
+    tokenize_pair,
+    tokenized_data,
+)
 from dpolab.errors import DataError
 
 
@@ -16,6 +24,12 @@ class PairSet:
     problems: list[Problem]  # every problem found: those about the whole file first, then row by row
     n_rows: int  # rows in the file, good and bad
     n_skipped: int  # rows left out of `pairs` because they have problems
+    tokenized: list[TokenizedPair] | None = None  # with a tokenizer: `pairs` tokenized, in the same order
+    settings: TokenizationSettings | None = None  # the settings `tokenized` used
+
+    def tokenized_data(self) -> TokenizedData | None:
+        """The good pairs as training data, when they were tokenized while checking (no second pass)."""
+        return None if self.tokenized is None else tokenized_data(self.tokenized, self.settings)
 
 
 def check_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = None) -> PairSet:
@@ -29,6 +43,7 @@ def check_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = No
     raw = read_raw(path)
     problems = list(raw.problems)
     pairs: list[PreferencePair] = []
+    tokenized: list[TokenizedPair] = []
     first_seen: dict[str, str] = {}
     eot = end_of_turn_id(tokenizer) if tokenizer is not None else None
     settings = TokenizationSettings(max_length=max_length)
@@ -45,14 +60,16 @@ def check_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = No
             first_seen[pair.id] = pair.source
             if tokenizer is not None:
                 try:
-                    tokenize_pair(pair, tokenizer, settings, eot=eot)
+                    tokenized.append(tokenize_pair(pair, tokenizer, settings, eot=eot))
                 except PairTokenizationError as exc:
                     row_problems.append(row.where.problem(exc.field, exc.reason))
                     pair = None
         problems.extend(row_problems)
         if pair is not None:
             pairs.append(pair)
-    return PairSet(pairs=pairs, problems=problems, n_rows=len(raw.rows), n_skipped=len(raw.rows) - len(pairs))
+    return PairSet(pairs=pairs, problems=problems, n_rows=len(raw.rows), n_skipped=len(raw.rows) - len(pairs),
+                   tokenized=tokenized if tokenizer is not None else None,
+                   settings=settings if tokenizer is not None else None)
 
 
 def validate(path: str | Path, *, tokenizer=None, max_length: int | None = None) -> list[Problem]:

@@ -182,7 +182,13 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, settings: Tokenizatio
     if errors:
         raise DataError(f"{len(errors)} of {len(pairs)} pairs cannot be tokenized (check them first with "
                         f"`dpolab data validate FILE --model M --max-length {settings.max_length}`):\n{format_problems(errors)}")
+    return tokenized_data(out, settings)
+
+
+def tokenized_data(pairs: list[TokenizedPair], settings: TokenizationSettings) -> TokenizedData:
+    """Tokenized pairs with their truncation count and fingerprint (settings + every pair's id and token ids)."""
     digest = hashlib.sha256(json.dumps(settings.key(), sort_keys=True).encode())
-    for t in out:
+    for t in pairs:
         digest.update(json.dumps([t.id, t.prompt_ids, t.chosen_ids, t.rejected_ids]).encode())
-    return TokenizedData(pairs=out, n_prompt_truncated=sum(t.prompt_truncated > 0 for t in out), fingerprint=digest.hexdigest())
+    return TokenizedData(pairs=pairs, n_prompt_truncated=sum(t.prompt_truncated > 0 for t in pairs),
+                         fingerprint=digest.hexdigest())

@@ -28,6 +28,65 @@ BEHAVIOURS = (
 )
 
 
+@dataclass(frozen=True)
+class Finding:
+    """A direction the seed research reports for a training context, checked against a run's deltas."""
+
+    context: str
+    probe: str
+    metric: str
+    direction: int  # +1 the metric should rise, -1 fall, 0 stay near the baseline
+    claim: str
+    source: str
+
+
+# What the research this tool builds on found (see the README); `dpolab run` says whether each reproduced.
+SEED_FINDINGS = (
+    Finding("please-user", "persuasion", "neg_flip@3", +1, "pleasing the user raises flips under misleading persuasion",
+            "DuET-PD; sycophancy literature"),
+    Finding("resist-only", "persuasion", "neg_acc@3", +1, "resist-only training raises accuracy under misleading persuasion",
+            "DuET-PD"),
+    Finding("resist-only", "persuasion", "pos_flip@3", -1, "resist-only training cuts acceptance of valid corrections",
+            "DuET-PD"),
+    Finding("holistic", "persuasion", "neg_acc@3", +1, "Holistic DPO raises accuracy under misleading persuasion",
+            "DuET-PD"),
+    Finding("holistic", "persuasion", "pos_flip@3", 0, "Holistic DPO keeps acceptance of valid corrections near the baseline",
+            "DuET-PD"),
+    Finding("detox", "toxicity", "mean_score", -1, "DPO on toxicity preferences lowers toxicity",
+            "DPO toxicity / neuron dynamics; ODPO"),
+    Finding("length-biased-judge", "verbosity", "mean_tokens", +1, "length-biased preferences lengthen replies",
+            "iLR-DPO"),
+)
+
+
+def finding_status(finding: Finding, row: dict[str, Any]) -> str:
+    """`reproduced`, `opposite` or `not shown`, from the sign of the delta's 95% CI.
+
+    A "stays near the baseline" finding is `reproduced` when the CI contains 0: with few items that is weak
+    evidence, which is why the CI is printed beside it."""
+    lo, hi = row["delta_ci_low"], row["delta_ci_high"]
+    if any(x is None or (isinstance(x, float) and math.isnan(x)) for x in (lo, hi)):
+        return "not shown"
+    if finding.direction == 0:
+        return "reproduced" if lo <= 0 <= hi else "opposite"
+    if lo > 0 or hi < 0:
+        return "reproduced" if (lo > 0) == (finding.direction > 0) else "opposite"
+    return "not shown"
+
+
+def seed_findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each seed finding whose context was run, per method and seed, with the measured delta and its status."""
+    out = []
+    for f in SEED_FINDINGS:
+        for r in rows:
+            if r["context"] == f.context and r["probe"] == f.probe and r["metric"] == f.metric:
+                out.append({"context": f.context, "method": r["method"], "seed": r["seed"], "claim": f.claim,
+                            "source": f.source, "metric": f"{f.probe} · {f.metric}", "baseline": r["baseline"],
+                            "value": r["value"], "delta": r["delta"], "delta_ci_low": r["delta_ci_low"],
+                            "delta_ci_high": r["delta_ci_high"], "n": r.get("n"), "status": finding_status(f, r)})
+    return out
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}g}" if digits < 0 else f"{x:.{digits}f}"
 
@@ -90,6 +149,13 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
     console.print(table)
     for s in headlines(rows):
         console.print("• " + s)
+    found = seed_findings(rows)
+    if found:
+        marks = {"reproduced": "[green]reproduced[/]", "opposite": "[red]opposite[/]", "not shown": "not shown"}
+        console.print("Seed findings:")
+        for f in found:
+            console.print(f"  {marks[f['status']]}: {f['claim']} ({f['method']}; {f['metric']} {f['baseline']:.3g} → "
+                          f"{f['value']:.3g}, Δ {f['delta']:+.3g} [{f['delta_ci_low']:+.3g}, {f['delta_ci_high']:+.3g}])")
 
 
 def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False, console=None) -> list[dict[str, Any]]:

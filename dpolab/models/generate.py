@@ -191,7 +191,9 @@ class HFChatModel:
         self.stop_ids = stops
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.end_of_turn_id if pad is None else pad
-        self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and _plain_cache(self.model) else None
+        plain = _plain_cache(self.model)
+        self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and plain else None
+        self.grow_in_place = plain  # decode into scoring.growing_cache (no per-step copy of the whole cache)
 
     @classmethod
     def load(cls, name: str, *, dtype: str = "float32", batch_size: int = 32, **kwargs) -> HFChatModel:
@@ -280,8 +282,11 @@ class HFChatModel:
                 rows = [prompts[i] for i in batch]
                 packed = scoring.pack(rows, self.pad_id, config=self.model.config,
                                       prefixes=[prefixes[i] for i in batch] if prefixes else None)
+                past = packed.past
+                if past is None and self.grow_in_place:
+                    past = scoring.growing_cache(self.model.config)
                 res = self.model.generate(input_ids=packed.ids, attention_mask=packed.mask, position_ids=packed.pos,
-                                          past_key_values=packed.past, generation_config=config)
+                                          past_key_values=past, generation_config=config)
                 new = res.sequences[:, packed.ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for b, i in enumerate(batch):
                     out[i] = self._finish(new[b], max_new_tokens)

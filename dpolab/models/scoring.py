@@ -89,8 +89,62 @@ def pack(rows: Sequence[Sequence[int]], pad_id: int, *, prefixes: Sequence[Prefi
                     keys[b, :, C - p.length:] = p.kv[layer][0][:, : p.length]
                     values[b, :, C - p.length:] = p.kv[layer][1][:, : p.length]
             layers.append((keys, values))
-        past = DynamicCache(ddp_cache_data=layers, config=config)
+        past = growing_cache(config, layers) if config is not None else DynamicCache(ddp_cache_data=layers)
     return Packed(ids=ids, mask=mask, pos=pos, past=past, cached=C)
+
+
+class _GrowingLayer:
+    """Mixin for transformers' DynamicLayer: keys and values live in a buffer with spare room at the end, so a
+    decoding step writes its one new token in place instead of concatenating (copying) the whole cache per layer
+    and step, which for a batch of long dialogues moves more memory than the model's weights.
+
+    `keys`/`values` stay views of the valid length, so everything that reads a DynamicLayer works unchanged; an
+    operation that replaces them (crop, batch selection) is noticed by identity and the buffer is rebuilt.
+    """
+
+    reserve = 64  # spare slots allocated beyond the current need
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old = self.keys.shape[-2] if self.keys.numel() else 0
+        need = old + key_states.shape[-2]
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf[2] is not self.keys or need > buf[0].shape[-2]:
+            cap = need + max(self.reserve, need // 2)
+            k = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
+            v = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
+            if old:
+                k[:, :, :old], v[:, :, :old] = self.keys, self.values
+            buf = (k, v, None)
+        k, v, _ = buf
+        k[:, :, old:need], v[:, :, old:need] = key_states, value_states
+        self.keys, self.values = k[:, :, :need], v[:, :, :need]
+        self._buf = (k, v, self.keys)
+        return self.keys, self.values
+
+
+def growing_cache(config, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A DynamicCache for `config` whose full-attention layers grow in place (`_GrowingLayer`), optionally filled
+    with per-layer (keys, values) of shape (B, H, T, D). Other layer kinds (sliding windows...) are left as they are."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [_growing(layer) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for layer, kv in zip(cache.layers, layers or []):
+        layer.update(*kv)
+    return cache
+
+
+def _growing(layer):
+    grown = _GROWING.get(type(layer))
+    if grown is None:
+        grown = _GROWING[type(layer)] = type(f"Growing{type(layer).__name__}", (_GrowingLayer, type(layer)), {})
+    return grown()
+
+
+_GROWING: dict[type, type] = {}
 
 
 def _batches(order: list[int], size: int):
@@ -166,19 +220,20 @@ def grouped_continuation_logprobs(
     pad_id: int,
     batch_size: int = 32,
     prefixes: Sequence[Prefix | None] | None = None,
+    block: bool | None = None,
 ) -> list[list[float]]:
     """Summed log p(continuation | prompt) for several continuations of each prompt, running each prompt once.
 
     Each prompt (e.g. a long dialogue history), extended by the tokens all its continuations share (e.g.
-    "The answer is"), runs once with a KV cache. The continuations' own tails then run on copies of the cache
-    rows, in chunks of similar length (less padding). Equal to `continuation_logprobs` on the concatenations, at
-    a fraction of the cost when prompts are long and continuations short.
+    "The answer is"), runs once with a KV cache. The continuations' own tails then run side by side in one row
+    per prompt, each attending to the prompt and to itself only (a block attention mask), or, where the model's
+    attention takes no custom mask, on copies of the cache rows. Equal to `continuation_logprobs` on the
+    concatenations, at a fraction of the cost when prompts are long and continuations short.
 
-    batch_size: prompts per pass, and continuation rows per chunk.
+    batch_size: prompts per pass (and continuation rows per chunk on the copying path).
     prefixes: optional cached prefix per prompt (`pack`).
+    block: the block-mask path (default: when the model uses SDPA attention).
     """
-    from transformers import DynamicCache
-
     out: list[list[float]] = [[0.0] * len(c) for c in continuations]
     config = getattr(model, "config", None)
     for batch in batches([len(p) for p in prompts], batch_size):
@@ -195,35 +250,83 @@ def grouped_continuation_logprobs(
             ids = torch.tensor(list(continuations[i][0][:h]), dtype=torch.long)
             head_lp.append(float(last[b, keep - 1 - h: keep - 1].gather(-1, ids[:, None]).sum()) if h else 0.0)
         first = last[:, -1]  # (B, V): predicts the first token of each tail
-        layers = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
         tails = [(b, j, list(continuations[i][j][h:])) for b, (i, h) in enumerate(zip(batch, heads))
                  for j in range(len(continuations[i]))]
-        for chunk in batches([len(t[2]) for t in tails], batch_size):
-            sel = torch.tensor([tails[r][0] for r in chunk], dtype=torch.long)  # (R,) prompt row of each tail
-            conts = [tails[r][2] for r in chunk]
-            width = max(len(c) for c in conts)
-            if width == 0:
-                continue
-            cids = torch.full((len(conts), width), pad_id, dtype=torch.long)  # (R, W) right-padded
-            cmask = torch.zeros_like(cids)
-            for r, c in enumerate(conts):
-                if c:
-                    cids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
-                    cmask[r, : len(c)] = 1
-            tok = torch.zeros_like(cids, dtype=torch.float)  # (R, W) log-prob of each tail token
-            tok[:, 0] = first[sel].gather(-1, cids[:, :1]).squeeze(-1)
-            if width > 1:
-                cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in layers],
-                                     config=config)  # the prompt's cache rows, once per tail
-                cpos = packed.pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
-                logits = model(input_ids=cids, attention_mask=torch.cat([packed.mask[sel], cmask], dim=1),
-                               position_ids=cpos, past_key_values=cache, use_cache=True).logits  # (R, W, V)
-                tok[:, 1:] = logits[:, :-1].float().log_softmax(-1).gather(-1, cids[:, 1:, None]).squeeze(-1)
-            tok = tok * cmask  # (R, W) zero beyond each tail's end
-            for r_i, r in enumerate(chunk):
-                b, j, c = tails[r]
-                out[batch[b]][j] = head_lp[b] + float(tok[r_i].sum()) if c else head_lp[b]
+        tok_lp = [[0.0] * len(continuations[i]) for i in batch]  # summed log-prob of each tail, per row
+        for b, j, c in tails:
+            if c:
+                tok_lp[b][j] = float(first[b, c[0]])
+        if block is None:
+            block = getattr(config, "_attn_implementation", None) == "sdpa"
+        if block:
+            _tails_side_by_side(model, packed, res.past_key_values, tails, tok_lp, pad_id)
+        else:
+            _tails_on_copies(model, packed, res.past_key_values, tails, tok_lp, pad_id, batch_size)
+        for b, i in enumerate(batch):
+            out[i] = [head_lp[b] + x for x in tok_lp[b]]
     return out
+
+
+def _tails_side_by_side(model, packed: Packed, cache, tails, tok_lp, pad_id: int) -> None:
+    """Add each tail's log-probs after its first token to tok_lp[b][j]: all tails of prompt row b go in one row,
+    tail after tail; a tail token attends to the prompt's columns of the cache and to its own tail's earlier
+    tokens, and its position continues the prompt's, so each tail sees exactly prompt + itself."""
+    K = packed.ids.shape[1]  # cached columns: the prompt rows as packed
+    segments: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(packed.ids.shape[0])]  # (start, j, tail)
+    for b, j, c in tails:
+        if len(c) > 1:
+            start = sum(len(t) - 1 for _, _, t in segments[b])
+            segments[b].append((start, j, c))
+    W = max((s + len(c) - 1 for row in segments for s, _, c in row), default=0)
+    if W == 0:
+        return
+    B = len(segments)
+    ids = torch.full((B, W), pad_id, dtype=torch.long)  # (B, W) tails without their last token
+    pos = packed.pos[:, -1:].repeat(1, W) + 1  # (B, W)
+    mask = torch.zeros((B, 1, W, K + W), dtype=torch.bool)  # (B, 1, queries, keys): True = may attend
+    mask[:, 0, :, :K] = packed.mask.bool()[:, None, :]  # every query sees its prompt (pad queries too: no empty row)
+    for b, row in enumerate(segments):
+        for s, _, c in row:
+            n = len(c) - 1
+            ids[b, s:s + n] = torch.tensor(c[:-1], dtype=torch.long)
+            pos[b, s:s + n] = packed.pos[b, -1] + 1 + torch.arange(n)
+            mask[b, 0, s:s + n, K + s:K + s + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    logps = logits.float().log_softmax(-1)  # (B, W, V): position s+t predicts token t+1 of its tail
+    for b, row in enumerate(segments):
+        for s, j, c in row:
+            target = torch.tensor(c[1:], dtype=torch.long)
+            tok_lp[b][j] += float(logps[b, s:s + len(c) - 1].gather(-1, target[:, None]).sum())
+
+
+def _tails_on_copies(model, packed: Packed, cache, tails, tok_lp, pad_id: int, batch_size: int) -> None:
+    """As `_tails_side_by_side`, for attention implementations that take no custom mask: each tail runs in its
+    own row on a copy of its prompt's cache row, in chunks of similar length."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    K = packed.ids.shape[1]
+    rest = [(b, j, c) for b, j, c in tails if len(c) > 1]
+    for chunk in batches([len(t[2]) for t in rest], batch_size):
+        sel = torch.tensor([rest[r][0] for r in chunk], dtype=torch.long)  # (R,) prompt row of each tail
+        conts = [rest[r][2][:-1] for r in chunk]  # the last token predicts nothing we need
+        width = max(len(c) for c in conts)
+        cids = torch.full((len(conts), width), pad_id, dtype=torch.long)  # (R, W) right-padded
+        cmask = torch.zeros_like(cids)
+        for r, c in enumerate(conts):
+            cids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+            cmask[r, : len(c)] = 1
+        rows = DynamicCache(ddp_cache_data=[(k[:, :, :K].index_select(0, sel), v[:, :, :K].index_select(0, sel))
+                                            for k, v in layers], config=config)  # the prompt's cache rows, once per tail
+        cpos = packed.pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
+        logits = model(input_ids=cids, attention_mask=torch.cat([packed.mask[sel], cmask], dim=1),
+                       position_ids=cpos, past_key_values=rows, use_cache=True).logits  # (R, W, V)
+        logps = logits.float().log_softmax(-1)
+        for r_i, r in enumerate(chunk):
+            b, j, c = rest[r]
+            target = torch.tensor(c[1:], dtype=torch.long)
+            tok_lp[b][j] += float(logps[r_i, : len(c) - 1].gather(-1, target[:, None]).sum())
 
 
 @torch.inference_mode()

@@ -107,7 +107,9 @@ def run_eval(
     batch_size: conversations per generate call, when `model` is a name.
     """
     from dpolab.probes import PROBES
+    from dpolab.runtime import tune_allocator
 
+    tune_allocator()
     names = parse_probes(probes)
     sizes = dict(sizes or {})
     for key in sizes:

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from dpolab.experiment.summary import BEHAVIOURS, headlines
+from dpolab.experiment.summary import BEHAVIOURS, headlines, seed_findings
 from dpolab.report import plots
 from dpolab.report.load import Experiment, Model
 
@@ -64,6 +64,15 @@ def headline_items(exp: Experiment) -> list[dict[str, str]]:
         who, _, rest = s.partition(": ")
         out.append({"who": who, "text": rest})
     return out
+
+
+def finding_items(exp: Experiment) -> list[dict[str, str]]:
+    """The seed research's directions for the contexts that ran, and whether this run reproduced them."""
+    cls = {"reproduced": "imp", "opposite": "harm", "not shown": "none"}
+    return [{"claim": f["claim"], "source": f["source"], "method": f["method"] + (f" · s{f['seed']}" if exp.several_seeds else ""),
+             "metric": f["metric"], "change": f"{num(f['baseline'])} → {num(f['value'])}",
+             "delta": f"{num(f['delta'], signed=True)} {ci(f['delta_ci_low'], f['delta_ci_high'], signed=True)}",
+             "status": f["status"], "cls": cls[f["status"]]} for f in seed_findings(exp.rows)]
 
 
 def _polarity(exp: Experiment, probe: str, metric: str) -> bool | None:

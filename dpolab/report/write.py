@@ -33,6 +33,7 @@ def render_report(out_dir: str | Path, *, phases: Sequence[tuple[str, float]] | 
         "generated": generated or time.strftime("%Y-%m-%d %H:%M:%S"),
         "counts": views.verdict_counts(exp),
         "headlines": views.headline_items(exp),
+        "findings": views.finding_items(exp),
         "matrix": views.matrix(exp),
         "persuasion_figure": views.persuasion_figure(exp),
         "persuasion_examples": views.persuasion_examples(exp),

@@ -161,6 +161,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
     from dpolab.losses import needs_reference
     from dpolab.models import dpolab_home, load_model, load_tokenizer
     from dpolab.models.adapt import count_parameters, prepare_for_training
+    from dpolab.runtime import tune_allocator
+
+    tune_allocator()
 
     if resume is not None:
         saved = Path(resume) / "config.yaml"
@@ -200,7 +203,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
     if pairset.n_skipped:
         console.print(f"[yellow]skipped {pairset.n_skipped} invalid row(s) of {pairset.n_rows} in {cfg.data}")
     settings = TokenizationSettings(max_length=cfg.max_length)
-    data = tokenize_pairs(pairset.pairs, tokenizer, settings)
+    data = pairset.tokenized_data() or tokenize_pairs(pairset.pairs, tokenizer, settings)  # tokenized while checked
     n = len(data.pairs)
     if data.n_prompt_truncated:
         console.print(f"truncated the start of {data.n_prompt_truncated} prompt(s) of {n} to fit max_length {cfg.max_length}")
