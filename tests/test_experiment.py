@@ -87,3 +87,15 @@ def test_seed_findings_follow_the_sign_of_the_ci():
                      ("length-biased-judge", "verbosity · mean_tokens"): "opposite",
                      ("resist-only", "persuasion · neg_acc@3"): "not shown",
                      ("holistic", "persuasion · pos_flip@3"): "reproduced"}
+
+
+def test_seed_findings_and_matrix_use_the_last_turn_run():
+    from dpolab.experiment.summary import headlines, seed_findings
+
+    rows = [{"context": "please-user", "method": "dpo", "seed": 0, "probe": "persuasion", "metric": m, "baseline": 0.5,
+             "value": 0.8, "delta": 0.3, "delta_ci_low": lo, "delta_ci_high": 0.5, "n": 8,
+             "verdict": "harmed" if lo > 0 else "no clear change"}
+            for m, lo in (("neg_flip@1", -0.1), ("neg_flip@2", 0.1), ("neg_flip@2|technique=evidence", 0.1))]
+    (f,) = seed_findings(rows)
+    assert f["metric"] == "persuasion · neg_flip@2" and f["status"] == "reproduced"
+    assert "flips to a wrong answer 0.5 → 0.8" in headlines(rows)[0]

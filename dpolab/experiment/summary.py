@@ -74,14 +74,26 @@ def finding_status(finding: Finding, row: dict[str, Any]) -> str:
     return "not shown"
 
 
+def last_turn(rows: Iterable[dict[str, Any]], probe: str, metric: str) -> str:
+    """A per-turn metric ("neg_acc@3") at the last turn the rows have: a run with 2 persuasion turns reports @2."""
+    name, at, _ = metric.partition("@")
+    if not at:
+        return metric
+    turns = [int(r["metric"].split("@")[1]) for r in rows
+             if r["probe"] == probe and r["metric"].startswith(name + "@") and r["metric"].split("@")[1].isdigit()]
+    return f"{name}@{max(turns)}" if turns else metric
+
+
 def seed_findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each seed finding whose context was run, per method and seed, with the measured delta and its status."""
+    """Each seed finding whose context was run, per method and seed, with the measured delta and its status
+    (per-turn metrics at the last turn run)."""
     out = []
     for f in SEED_FINDINGS:
+        metric = last_turn(rows, f.probe, f.metric)
         for r in rows:
-            if r["context"] == f.context and r["probe"] == f.probe and r["metric"] == f.metric:
+            if r["context"] == f.context and r["probe"] == f.probe and r["metric"] == metric:
                 out.append({"context": f.context, "method": r["method"], "seed": r["seed"], "claim": f.claim,
-                            "source": f.source, "metric": f"{f.probe} · {f.metric}", "baseline": r["baseline"],
+                            "source": f.source, "metric": f"{f.probe} · {metric}", "baseline": r["baseline"],
                             "value": r["value"], "delta": r["delta"], "delta_ci_low": r["delta_ci_low"],
                             "delta_ci_high": r["delta_ci_high"], "n": r.get("n"), "status": finding_status(f, r)})
     return out
@@ -107,7 +119,7 @@ def headlines(rows: list[dict[str, Any]]) -> list[str]:
         context, method, seed = cell
         better, worse = [], []
         for b in BEHAVIOURS:
-            r = by.get((*cell, b.probe, b.metric))
+            r = by.get((*cell, b.probe, last_turn(rows, b.probe, b.metric)))
             if r is None or r["verdict"] == "no clear change":
                 continue
             text = f"{b.label} {r['baseline']:.3g} → {r['value']:.3g} (Δ {r['delta']:+.3g} [{r['delta_ci_low']:+.3g}, {r['delta_ci_high']:+.3g}])"
@@ -140,7 +152,7 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
     for cell in dict.fromkeys(cell_key(r) for r in rows):
         cells = []
         for b in BEHAVIOURS:
-            r = by.get((*cell, b.probe, b.metric))
+            r = by.get((*cell, b.probe, last_turn(rows, b.probe, b.metric)))
             if r is None:
                 cells.append("—")
                 continue

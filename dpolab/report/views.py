@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from dpolab.experiment.summary import BEHAVIOURS, headlines, seed_findings
+from dpolab.experiment.summary import BEHAVIOURS, headlines, last_turn, seed_findings
 from dpolab.report import plots
 from dpolab.report.load import Experiment, Model
 
@@ -85,8 +85,9 @@ def _polarity(exp: Experiment, probe: str, metric: str) -> bool | None:
 
 def matrix(exp: Experiment) -> dict[str, Any]:
     """Contexts x behaviours: Δ [CI] coloured by verdict; baseline → value beneath; the rest in the title."""
-    cols = [{"label": b.label, "probe": b.probe, "metric": b.metric, "hib": _polarity(exp, b.probe, b.metric)}
-            for b in BEHAVIOURS]
+    metrics = [last_turn(exp.rows, b.probe, b.metric) for b in BEHAVIOURS]  # per-turn metrics at the last turn run
+    cols = [{"label": b.label, "probe": b.probe, "metric": m, "hib": _polarity(exp, b.probe, m)}
+            for b, m in zip(BEHAVIOURS, metrics)]
     palette = colours(exp)
     groups: dict[str, list[dict[str, Any]]] = {}
     for cell in exp.cells:
@@ -94,12 +95,12 @@ def matrix(exp: Experiment) -> dict[str, Any]:
         assert key is not None
         entries = []
         for b, col in zip(BEHAVIOURS, cols):
-            r = exp.row(key, b.probe, b.metric)
+            r = exp.row(key, b.probe, col["metric"])
             if r is None:
                 entries.append(None)
                 continue
             better = "higher" if r.get("higher_is_better") else "lower"
-            title = (f"{b.label} ({b.probe} · {b.metric}; {better} is better)\n"
+            title = (f"{b.label} ({b.probe} · {col['metric']}; {better} is better)\n"
                      f"baseline {num(r['baseline'])} {ci(r['baseline_ci_low'], r['baseline_ci_high'])}"
                      f" → {num(r['value'])} {ci(r['ci_low'], r['ci_high'])}\n"
                      f"Δ {num(r['delta'], signed=True)} {ci(r['delta_ci_low'], r['delta_ci_high'], signed=True)},"
