@@ -99,3 +99,23 @@ def test_seed_findings_and_matrix_use_the_last_turn_run():
     (f,) = seed_findings(rows)
     assert f["metric"] == "persuasion · neg_flip@2" and f["status"] == "reproduced"
     assert "flips to a wrong answer 0.5 → 0.8" in headlines(rows)[0]
+
+
+@pytest.mark.parametrize("width", [220, 80])
+def test_matrix_prints_every_delta_wide_or_narrow(width):
+    import io
+
+    from rich.console import Console
+
+    from dpolab.experiment.summary import print_matrix
+
+    rows = [{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.125,
+             "value": 0.063, "delta": -0.062, "delta_ci_low": -0.14, "delta_ci_high": 0.003, "verdict": "no clear change"},
+            {"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
+             "value": 48, "delta": 8.25, "delta_ci_low": 3.5, "delta_ci_high": 12.75, "verdict": "harmed"}]
+    out = io.StringIO()
+    print_matrix(rows, Console(file=out, width=width, color_system=None))
+    text = out.getvalue()
+    for number in ("-0.062", "-0.140", "+0.003", "+8.250", "+3.500", "+12.750"):
+        assert number in text
+    assert ("verdict" in text) == (width < 150)

@@ -138,26 +138,48 @@ def headlines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
-    """The improve/harm matrix on the terminal: cells x behaviours, delta [CI], coloured by verdict."""
+    """The improve/harm matrix on the terminal: cells x behaviours, delta [CI], coloured by verdict. A console too
+    narrow for the matrix gets the same numbers as one line per cell and behaviour."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     by = index_rows(rows)
-    table = Table(title="What moved (Δ vs baseline, 95% paired bootstrap CI)", show_lines=True)
-    table.add_column("context / method / seed")
-    for b in BEHAVIOURS:
-        table.add_column(b.label, justify="right")
     colours = {"improved": "green", "harmed": "red", "no clear change": "white"}
-    for cell in dict.fromkeys(cell_key(r) for r in rows):
-        cells = []
+    cells = list(dict.fromkeys(cell_key(r) for r in rows))
+    metrics = [last_turn(rows, b.probe, b.metric) for b in BEHAVIOURS]
+    title = "What moved (Δ vs baseline, 95% paired bootstrap CI)"
+    if console.width >= 24 + 17 * len(BEHAVIOURS):
+        table = Table(title=title, show_lines=True)
+        table.add_column("context / method / seed")
         for b in BEHAVIOURS:
-            r = by.get((*cell, b.probe, last_turn(rows, b.probe, b.metric)))
-            if r is None:
-                cells.append("—")
-                continue
-            cells.append(f"[{colours[r['verdict']]}]{r['delta']:+.3f}\n[{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}][/]")
-        table.add_row(" / ".join(map(str, cell)), *cells)
+            table.add_column(b.label, justify="right")
+        for cell in cells:
+            entries = []
+            for b, m in zip(BEHAVIOURS, metrics):
+                r = by.get((*cell, b.probe, m))
+                entries.append("—" if r is None else
+                               f"[{colours[r['verdict']]}]{r['delta']:+.3f}\n[{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}][/]")
+            table.add_row(" / ".join(map(str, cell)), *entries)
+    else:
+        table = Table(title=title)
+        table.add_column("cell")
+        table.add_column("behaviour")
+        for col in ("baseline → value", "Δ [95% CI]", "verdict"):
+            table.add_column(col, no_wrap=True)
+        for cell in cells:
+            first = True
+            for b, m in zip(BEHAVIOURS, metrics):
+                r = by.get((*cell, b.probe, m))
+                if r is None:
+                    continue
+                c = colours[r["verdict"]]
+                table.add_row(" / ".join(map(str, cell)) if first else "", b.label,
+                              f"{r['baseline']:.3g} → {r['value']:.3g}",
+                              f"[{c}]{r['delta']:+.3f} [{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}][/]",
+                              f"[{c}]{r['verdict']}[/]")
+                first = False
+            table.add_section()
     console.print(table)
     for s in headlines(rows):
         console.print("• " + s)
