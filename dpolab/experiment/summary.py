@@ -103,6 +103,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}g}" if digits < 0 else f"{x:.{digits}f}"
 
 
+def _delta_ci(r: dict[str, Any], spec: str = "+.3g", sep: str = " ") -> str:
+    """"+0.12 [+0.03, +0.2]": a row's delta and its CI, each formatted with `spec`."""
+    return f"{r['delta']:{spec}}{sep}[{r['delta_ci_low']:{spec}}, {r['delta_ci_high']:{spec}}]"
+
+
 def cell_key(row: dict) -> tuple[str, str, int]:
     return row["context"], row["method"], row["seed"]
 
@@ -122,7 +127,7 @@ def headlines(rows: list[dict[str, Any]]) -> list[str]:
             r = by.get((*cell, b.probe, last_turn(rows, b.probe, b.metric)))
             if r is None or r["verdict"] == "no clear change":
                 continue
-            text = f"{b.label} {r['baseline']:.3g} → {r['value']:.3g} (Δ {r['delta']:+.3g} [{r['delta_ci_low']:+.3g}, {r['delta_ci_high']:+.3g}])"
+            text = f"{b.label} {r['baseline']:.3g} → {r['value']:.3g} (Δ {_delta_ci(r)})"
             (better if r["verdict"] == "improved" else worse).append(text)
         who = f"{method} on {context}" + (f" (seed {seed})" if len({k[2] for k in map(cell_key, rows)}) > 1 else "")
         if not better and not worse:
@@ -159,7 +164,7 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
             for b, m in zip(BEHAVIOURS, metrics):
                 r = by.get((*cell, b.probe, m))
                 entries.append("—" if r is None else
-                               f"[{colours[r['verdict']]}]{r['delta']:+.3f}\n[{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}][/]")
+                               f"[{colours[r['verdict']]}]" + _delta_ci(r, "+.3f", sep="\n") + "[/]")
             table.add_row(" / ".join(map(str, cell)), *entries)
     else:
         table = Table(title=title)
@@ -176,7 +181,7 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
                 c = colours[r["verdict"]]
                 table.add_row(" / ".join(map(str, cell)) if first else "", b.label,
                               f"{r['baseline']:.3g} → {r['value']:.3g}",
-                              f"[{c}]{r['delta']:+.3f} [{r['delta_ci_low']:+.3f}, {r['delta_ci_high']:+.3f}][/]",
+                              f"[{c}]{_delta_ci(r, '+.3f')}[/]",
                               f"[{c}]{r['verdict']}[/]")
                 first = False
             table.add_section()
@@ -189,7 +194,7 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
         console.print("Seed findings:")
         for f in found:
             console.print(f"  {marks[f['status']]}: {f['claim']} ({f['method']}; {f['metric']} {f['baseline']:.3g} → "
-                          f"{f['value']:.3g}, Δ {f['delta']:+.3g} [{f['delta_ci_low']:+.3g}, {f['delta_ci_high']:+.3g}])")
+                          f"{f['value']:.3g}, Δ {_delta_ci(f)})")
 
 
 def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False, console=None) -> list[dict[str, Any]]:
