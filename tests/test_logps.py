@@ -58,6 +58,26 @@ def test_forward_modes_match_plain_forward(model, mixed_batch, mode):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_paths_match_plain_forward(model, mixed_batch, attention):
+    """SDPA takes a block mask (chosen and rejected side by side in one row after the prompt's cache); eager
+    attention gets the prompt's cache repeated for each completion. Both equal the plain forward."""
+    from dpolab.training import logps as module
+
+    batch, pairs = mixed_batch
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query heads are exercised
+    model.set_attn_implementation(attention)
+    try:
+        assert module._takes_block_masks(model.model) == (attention == "sdpa")
+        ours, g_ours = _value_and_grads(model, lambda: sequence_logps(model, batch, mode="prefix", chunk_tokens=4))
+        ref, g_ref = _value_and_grads(model, lambda: _plain(model, pairs))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(g_ours, g_ref))
+    assert module._GQA_ENV not in __import__("os").environ  # the switch is set only during the call
+
+
 def test_prefix_matches_concat(model, mixed_batch):
     batch, _ = mixed_batch
     a, ga = _value_and_grads(model, lambda: sequence_logps(model, batch, mode="prefix"))

@@ -131,6 +131,21 @@ def _final_weights(out):
     return load_file(list_checkpoints(out)[-1].path / "trainable.safetensors")
 
 
+def test_fused_optimizer_gives_the_same_weights(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """On CPU the trainer uses torch's fused AdamW; it must update exactly like the plain implementation."""
+    import dpolab.training.loop as loop
+
+    created = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: created.append(kw.get("fused")) or real_adamw(*a, **kw))
+    _run(tiny_model_dir, pairs_file, tmp_path / "fused", max_steps=3)
+    monkeypatch.setattr(loop, "_FUSED_ADAM_DTYPES", ())
+    _run(tiny_model_dir, pairs_file, tmp_path / "plain", max_steps=3)
+    assert created == [True, None]
+    fused, plain = _final_weights(tmp_path / "fused"), _final_weights(tmp_path / "plain")
+    assert max((fused[k] - plain[k]).abs().max().item() for k in fused) < 1e-6
+
+
 def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, pairs_file, tmp_path):
     opts = dict(max_steps=6, save_every=2, batch_size=2, schedule="cosine", warmup_steps=1)
     _run(tiny_model_dir, pairs_file, tmp_path / "full", **opts)

@@ -12,7 +12,9 @@ sequence log-probs. Two ways are implemented, and give the same numbers:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,7 @@ class PairBatch:
     """Tokenized pairs, padded. Masks come from lengths: SmolLM2's pad id is also its end-of-turn id."""
 
     ids: list[str]
-    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_ids: torch.Tensor  # (B, P) right-padded
     prompt_lens: torch.Tensor  # (B,)
     completion_ids: torch.Tensor  # (2B, C) right-padded, interleaved: chosen_0, rejected_0, chosen_1, ...
     completion_lens: torch.Tensor  # (2B,)
@@ -58,7 +60,7 @@ def collate_pairs(pairs, *, pad_id: int, index: list[int] | None = None) -> Pair
     C = max(len(c) for c in completions)
     prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
     for i, p in enumerate(pairs):
-        prompt_ids[i, P - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
+        prompt_ids[i, : len(p.prompt_ids)] = torch.tensor(p.prompt_ids)
     completion_ids = torch.full((2 * B, C), pad_id, dtype=torch.long)
     for i, c in enumerate(completions):
         completion_ids[i, : len(c)] = torch.tensor(c)
@@ -83,45 +85,75 @@ def collate_pairs(pairs, *, pad_id: int, index: list[int] | None = None) -> Pair
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[y] for N positions, computed `chunk` rows at a time in forward and backward.
 
-    Only (chunk, V) logits exist at any moment; backward recomputes them instead of storing them.
-    d/dh = g (W_y - p W),  d/dW = (onehot_y - p)^T (g h),  d/db = sum (onehot_y - p) g,  p = softmax(h W^T + b).
+    Only (chunk, V) logits exist at any moment, in one buffer reused by every chunk and worked on in place
+    (a fresh buffer per operation costs more in page faults than the arithmetic on this model). Backward
+    recomputes the logits instead of storing them and reuses the forward's log-partition:
+    p = exp(logits - lse),  d/dh = g (W_y - p W),  d/dW = (onehot_y - p)^T (g h),  d/db = sum (onehot_y - p) g.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):  # hidden (N, H), weight (V, H), targets (N,)
-        out = hidden.new_empty(hidden.shape[0], dtype=_up(hidden[:0]).dtype)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = _up(F.linear(hidden[s : s + chunk], weight, bias))  # (n, V)
-            out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - logits.logsumexp(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        N = hidden.shape[0]
+        out = hidden.new_empty(N, dtype=_up(hidden[:0]).dtype)
+        lse = torch.empty_like(out)
+        buf = _logits_buffer(weight, min(chunk, N))
+        for s in range(0, N, chunk):
+            logits = _logits_into(buf, hidden[s : s + chunk], weight, bias)  # (n, V)
+            target = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+            peak = logits.amax(-1, keepdim=True)  # (n, 1)
+            lse[s : s + chunk] = logits.sub_(peak).exp_().sum(-1).log_() + peak.squeeze(-1)
+            out[s : s + chunk] = target - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N,)
-        hidden, weight, bias, targets = ctx.saved_tensors
-        chunk = ctx.chunk
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk, N = ctx.chunk, hidden.shape[0]
         acc = _up(weight[:0]).dtype  # accumulate weight gradients in at least fp32
-        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
-        for s in range(0, hidden.shape[0], chunk):
+        buf = _logits_buffer(weight, min(chunk, N))
+        if grad_w is not None and N == 0:
+            grad_w.zero_()
+        for s in range(0, N, chunk):
             h = hidden[s : s + chunk]  # (n, H)
-            y = targets[s : s + chunk]  # (n,)
-            g = grad_out[s : s + chunk].to(acc)  # (n,)
-            # dlogp/dlogits = onehot(y) - softmax; scaled by the incoming gradient
-            d_logits = -_up(F.linear(h, weight, bias)).softmax(-1) * g[:, None]  # (n, V)
-            d_logits[torch.arange(len(y)), y] += g
-            d_logits = d_logits.to(weight.dtype)
+            y = targets[s : s + chunk, None]  # (n, 1)
+            g = grad_out[s : s + chunk, None].to(acc)  # (n, 1)
+            # dlogp/dlogits = onehot(y) - softmax, scaled by the incoming gradient: built in place in the buffer
+            d = _logits_into(buf, h, weight, bias).sub_(lse[s : s + chunk, None]).exp_().mul_(-g).scatter_add_(-1, y, g)
+            d_w = d if d.dtype == weight.dtype else d.to(weight.dtype)
             if grad_h is not None:
-                grad_h[s : s + chunk] = d_logits @ weight  # (n, H)
+                torch.mm(d_w, weight, out=grad_h[s : s + chunk])  # (n, H)
             if grad_w is not None:
-                grad_w += d_logits.t().to(acc) @ h.to(acc)  # (V, H)
+                h_acc = h.to(acc)
+                if s == 0:
+                    torch.mm(d.t(), h_acc, out=grad_w)  # (V, H)
+                else:
+                    grad_w.addmm_(d.t(), h_acc)
             if grad_b is not None:
-                grad_b += d_logits.to(acc).sum(0)
+                grad_b += d.sum(0)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None
+
+
+def _logits_buffer(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.empty(rows, weight.shape[0], dtype=_up(weight[:0]).dtype, device=weight.device)
+
+
+def _logits_into(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h W^T + b for n <= len(buf) rows, written into buf[:n] (upcast when the weights are half precision)."""
+    out = buf[: h.shape[0]]
+    if weight.dtype == out.dtype:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        out.copy_(h @ weight.t())
+    if bias is not None:
+        out += bias
+    return out
 
 
 def token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_tokens: int = 512) -> torch.Tensor:
@@ -176,21 +208,90 @@ def _gather_completion_logps(head, hidden, completion_ids, completion_lens, chun
 
 def _prefix_forward(body, head, batch: PairBatch, chunk_tokens: int) -> torch.Tensor:
     B, P = batch.prompt_ids.shape
-    prompt_mask = torch.arange(P, device=batch.prompt_ids.device)[None, :] >= (P - batch.prompt_lens)[:, None]  # (B, P)
-    prompt_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    out = body(input_ids=batch.prompt_ids, attention_mask=prompt_mask.long(), position_ids=prompt_pos, use_cache=True)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(2)  # (2B, ...): chosen_i and rejected_i share prompt i
-    last_prompt_hidden = out.last_hidden_state[:, -1].repeat_interleave(2, dim=0)  # (2B, H)
+    prompt_mask = torch.arange(P, device=batch.prompt_ids.device)[None, :] < batch.prompt_lens[:, None]  # (B, P)
+    with _kv_heads_unrepeated(body):
+        # Prompts are right-padded, so plain causal attention is exact for every real token (padding comes after
+        # them) and needs no mask: SDPA then skips the masked-out half of the score blocks. Later passes mask the
+        # padding columns of the cache.
+        out = body(input_ids=batch.prompt_ids, use_cache=True)
+        last_prompt_hidden = out.last_hidden_state[torch.arange(B, device=prompt_mask.device), batch.prompt_lens - 1]  # (B, H)
+        if _takes_block_masks(body):
+            return _completions_side_by_side(body, head, batch, out.past_key_values, prompt_mask, last_prompt_hidden, chunk_tokens)
+        return _completions_on_copies(body, head, batch, out.past_key_values, prompt_mask, last_prompt_hidden, chunk_tokens)
 
+
+def _completions_side_by_side(body, head, batch: PairBatch, cache, prompt_mask, last_prompt_hidden, chunk_tokens) -> torch.Tensor:
+    """Chosen and rejected of a pair in one row after their prompt's cache row: [chosen | rejected | padding].
+
+    A 4-D mask lets every token see its prompt and the earlier tokens of its own completion only, and positions
+    restart after the prompt for each completion, so each sees exactly prompt + itself, as if run alone. The
+    prompt's cache is used as it is: no copy per completion, and no padding to the longest single completion.
+    """
+    B, P = prompt_mask.shape
+    device = batch.completion_ids.device
+    lens = batch.completion_lens.view(B, 2)
+    first, total = lens[:, :1], lens.sum(-1, keepdim=True)  # (B, 1): chosen length; chosen + rejected
+    W = int(total.max())
+    col = torch.arange(W, device=device)[None, :].expand(B, W)  # (B, W)
+    chosen, rejected = col < first, (col >= first) & (col < total)
+    t = torch.where(chosen, col, (col - first).clamp(min=0))  # position of the token inside its completion
+    C = batch.completion_ids.shape[1]
+    ids = torch.where(chosen, batch.completion_ids[0::2].gather(1, t.clamp(max=C - 1)),
+                      batch.completion_ids[1::2].gather(1, t.clamp(max=C - 1)))  # (B, W); padding holds some real id
+    pos = batch.prompt_lens[:, None] + t  # (B, W)
+    segment = torch.where(chosen, 0, torch.where(rejected, 1, 2))  # 2 = padding
+    same = segment[:, :, None] == segment[:, None, :]  # (B, W, W)
+    own = same & torch.ones(W, W, dtype=torch.bool, device=device).tril()
+    mask = torch.cat([prompt_mask[:, None, :].expand(B, W, P), own], dim=-1)[:, None]  # (B, 1, W, P + W): True = attend
+    hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+    # token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0
+    hidden = torch.cat([last_prompt_hidden[:, None], hidden], dim=1)  # (B, W + 1, H); index k holds the state before column k
+    source = torch.where(rejected & (t == 0), 0, col)  # (B, W)
+    valid = chosen | rejected
+    states = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))[valid]  # (N, H)
+    logps = token_logps(head, states, ids[valid], chunk_tokens=chunk_tokens)  # (N,)
+    row = (2 * torch.arange(B, device=device)[:, None] + rejected.long())[valid]  # interleaved: chosen_i, rejected_i
+    return torch.zeros(2 * B, dtype=logps.dtype, device=device).index_add(0, row, logps)  # (2B,)
+
+
+def _completions_on_copies(body, head, batch: PairBatch, cache, prompt_mask, last_prompt_hidden, chunk_tokens) -> torch.Tensor:
+    """For attention implementations that take no custom mask: the prompt's cache row is repeated for chosen
+    and rejected, each completion in its own row."""
+    cache.batch_repeat_interleave(2)  # (2B, ...): chosen_i and rejected_i share prompt i
     C = batch.completion_ids.shape[1]
     comp_mask = torch.ones_like(batch.completion_ids)  # (2B, C); positions past a completion's end are causal-only
     mask = torch.cat([prompt_mask.long().repeat_interleave(2, dim=0), comp_mask], dim=1)  # (2B, P + C)
     pos = batch.prompt_lens.repeat_interleave(2)[:, None] + torch.arange(C, device=mask.device)[None, :]  # (2B, C)
     comp = body(input_ids=batch.completion_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-    # token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0
-    hidden = torch.cat([last_prompt_hidden[:, None], comp.last_hidden_state[:, :-1]], dim=1)  # (2B, C, H)
+    hidden = torch.cat([last_prompt_hidden.repeat_interleave(2, dim=0)[:, None], comp.last_hidden_state[:, :-1]], dim=1)  # (2B, C, H)
     return _gather_completion_logps(head, hidden, batch.completion_ids, batch.completion_lens, chunk_tokens)
+
+
+def _takes_block_masks(body) -> bool:
+    """Whether the attention takes a custom 4-D boolean mask as given (SDPA does; eager would add it as numbers)."""
+    return getattr(getattr(body, "config", None), "_attn_implementation", None) == "sdpa"
+
+
+@contextlib.contextmanager
+def _kv_heads_unrepeated(body):
+    """On CPU, let SDPA attend grouped-query heads directly (`enable_gqa`) even under a mask.
+
+    transformers copies every key/value head out to the query heads when a mask is given, because CUDA's fast
+    kernels can't take both; PyTorch's CPU kernel can, with the same result and a third less attention time.
+    The switch is transformers' own environment variable, set for the duration of the call only.
+    """
+    params = next(body.parameters(), None)
+    if params is None or params.device.type != "cpu" or os.environ.get(_GQA_ENV) is not None:
+        yield
+        return
+    os.environ[_GQA_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_GQA_ENV, None)
+
+
+_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def _concat_forward(model, parts, batch: PairBatch) -> torch.Tensor:
@@ -199,7 +300,7 @@ def _concat_forward(model, parts, batch: PairBatch) -> torch.Tensor:
     rows, starts = [], []
     prompt_lens = batch.prompt_lens.tolist()
     for i in range(2 * B):
-        p = batch.prompt_ids[i // 2, P - prompt_lens[i // 2]:]
+        p = batch.prompt_ids[i // 2, : prompt_lens[i // 2]]
         rows.append(torch.cat([p, batch.completion_ids[i, : batch.completion_lens[i]]]))
         starts.append(len(p))
     L = max(len(r) for r in rows)
