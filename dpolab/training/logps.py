@@ -3,10 +3,12 @@
 This is the one function the trainer, the reference cache and the benchmarks call to turn pairs into
 sequence log-probs. Two ways are implemented, and give the same numbers:
 
-* ``prefix`` (default): the prompt runs once; its key/value cache is repeated for the chosen and the
-  rejected completion, which then attend to it. Gradients flow back through the cache into the prompt
-  pass. Only completion positions reach the LM head, in chunks, so full-vocabulary logits are never
-  materialised for the prompt and never for more than ``chunk_tokens`` positions at a time.
+* ``prefix`` (default): the prompt runs once (right-padded, plain causal attention); then chosen and
+  rejected run side by side in one row per pair, attending to the prompt's key/value cache and to their
+  own earlier tokens only (a block mask; attention implementations without custom masks get the cache row
+  repeated, one completion per row). Gradients flow back through the cache into the prompt pass. Only
+  completion positions reach the LM head, in chunks, so full-vocabulary logits are never materialised for
+  the prompt and never for more than ``chunk_tokens`` positions at a time.
 * ``concat``: prompt + completion run as one sequence, once for chosen and once for rejected, the LM head
   still only on completion positions. The fallback for architectures whose cache can't be reused.
 """
