@@ -68,7 +68,7 @@ def test_prefix_paths_match_plain_forward(model, mixed_batch, attention):
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query heads are exercised
     model.set_attn_implementation(attention)
     try:
-        assert module._takes_block_masks(model.model) == (attention == "sdpa")
+        assert module.takes_block_masks(model.model.config) == (attention == "sdpa")
         ours, g_ours = _value_and_grads(model, lambda: sequence_logps(model, batch, mode="prefix", chunk_tokens=4))
         ref, g_ref = _value_and_grads(model, lambda: _plain(model, pairs))
     finally:

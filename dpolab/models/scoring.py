@@ -257,7 +257,7 @@ def grouped_continuation_logprobs(
             if c:
                 tok_lp[b][j] = float(first[b, c[0]])
         if block is None:
-            block = getattr(config, "_attn_implementation", None) == "sdpa"
+            block = takes_block_masks(config)
         if block:
             _tails_side_by_side(model, packed, res.past_key_values, tails, tok_lp, pad_id)
         else:
@@ -265,6 +265,11 @@ def grouped_continuation_logprobs(
         for b, i in enumerate(batch):
             out[i] = [head_lp[b] + x for x in tok_lp[b]]
     return out
+
+
+def takes_block_masks(config) -> bool:
+    """Whether the model's attention takes a custom 4-D boolean mask as given (SDPA does; eager would add it as numbers)."""
+    return getattr(config, "_attn_implementation", None) == "sdpa"
 
 
 def _tails_side_by_side(model, packed: Packed, cache, tails, tok_lp, pad_id: int) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpolab.models.scoring import takes_block_masks
+
 log = logging.getLogger(__name__)
 
 FORWARD_MODES = ("prefix", "concat")
@@ -217,7 +219,7 @@ def _prefix_forward(body, head, batch: PairBatch, chunk_tokens: int) -> torch.Te
         # padding columns of the cache.
         out = body(input_ids=batch.prompt_ids, use_cache=True)
         last_prompt_hidden = out.last_hidden_state[torch.arange(B, device=prompt_mask.device), batch.prompt_lens - 1]  # (B, H)
-        if _takes_block_masks(body):
+        if takes_block_masks(getattr(body, "config", None)):
             return _completions_side_by_side(body, head, batch, out.past_key_values, prompt_mask, last_prompt_hidden, chunk_tokens)
         return _completions_on_copies(body, head, batch, out.past_key_values, prompt_mask, last_prompt_hidden, chunk_tokens)
 
@@ -269,11 +271,6 @@ def _completions_on_copies(body, head, batch: PairBatch, cache, prompt_mask, las
     return _gather_completion_logps(head, hidden, batch.completion_ids, batch.completion_lens, chunk_tokens)
 
 
-def _takes_block_masks(body) -> bool:
-    """Whether the attention takes a custom 4-D boolean mask as given (SDPA does; eager would add it as numbers)."""
-    return getattr(getattr(body, "config", None), "_attn_implementation", None) == "sdpa"
-
-
 @contextlib.contextmanager
 def _kv_heads_unrepeated(body):
     """On CPU, let SDPA attend grouped-query heads directly (`enable_gqa`) even under a mask.
@@ -298,7 +295,7 @@ _GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 def _concat_forward(model, parts, batch: PairBatch) -> torch.Tensor:
     """Each of chosen and rejected as prompt + completion, right-padded, one forward for all 2B rows."""
-    B, P = batch.prompt_ids.shape
+    B = batch.prompt_ids.shape[0]
     rows, starts = [], []
     prompt_lens = batch.prompt_lens.tolist()
     for i in range(2 * B):
