@@ -5,6 +5,7 @@ import sys
 
 import typer
 
+from dpolab.bench.train import SYSTEMS as BENCH_SYSTEMS
 from dpolab.errors import DpolabError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Does preference optimization improve or harm a model's behaviour?")
@@ -48,7 +49,7 @@ def bench_train(
     pairs: int | None = typer.Option(None, "--pairs", min=1, help="pairs per workload (default: steps x batch size, each used once)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="pairs per optimizer step"),
     systems: str = typer.Option("dpolab,trl-default,trl-precompute", "--systems",
-                                help="comma-separated: dpolab, dpolab-concat, trl-default, trl-precompute"),
+                                help="comma-separated: " + ", ".join(BENCH_SYSTEMS)),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="built-in name or local Hugging Face folder (full fine-tuning)"),
     lr: float = typer.Option(5e-6, "--lr", help="learning rate, the same for every system"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads in every system (default: torch's choice)"),
@@ -56,9 +57,8 @@ def bench_train(
     keep: str | None = typer.Option(None, "--keep", help="keep the pairs, logs and outputs in this folder"),
 ) -> None:
     """dpolab's trainer against TRL's DPOTrainer: pairs/s, peak memory, per-step loss agreement, model FLOP/s."""
-    import json
-
     from dpolab.bench.train import BenchSettings, format_table, run_bench
+    from dpolab.io import atomic_write_json
 
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
     settings = BenchSettings(model=model, workloads=split(workloads), systems=split(systems), steps=steps, pairs=pairs,
@@ -66,8 +66,7 @@ def bench_train(
     result = run_bench(settings, keep=keep, echo=lambda line: typer.echo(line, err=True))
     typer.echo(format_table(result))
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(json_path, result)
         typer.echo(f"wrote {json_path}")
 
 
@@ -227,10 +226,9 @@ def bench_eval_cmd(
     json_path: str | None = typer.Option(None, "--json", help="also write the result as JSON to this file"),
 ) -> None:
     """The persuasion probe, all dialogues batched, against one dialogue at a time: speedup and transcript identity."""
-    import json
-
     from rich.console import Console
 
+    from dpolab.io import atomic_write_json
     from dpolab.probes.bench import bench_eval
     from dpolab.probes.items import TECHNIQUES
     from dpolab.probes.run import RichProgress
@@ -250,6 +248,5 @@ def bench_eval_cmd(
     typer.echo(f"  speedup {r['speedup']:.2f}x; identical transcripts {r['identical_transcripts']}/{r['dialogues']}, "
                f"identical stances {r['identical_stances']}/{r['dialogues']}")
     if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(r, f, indent=2)
+        atomic_write_json(json_path, r)
         typer.echo(f"wrote {json_path}")
