@@ -272,11 +272,22 @@ def takes_block_masks(config) -> bool:
     return getattr(config, "_attn_implementation", None) == "sdpa"
 
 
+def block_mask(prompt_mask: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """Attention mask for segments placed side by side after a cached prompt row: every query sees its row's real
+    prompt columns and the earlier columns of its own segment, nothing else.
+
+    prompt_mask (B, K) True at real prompt columns; segment (B, W) an id per new column, equal within a segment
+    (padding gets an id of its own). -> (B, 1, W, K + W), True = may attend.
+    """
+    B, W = segment.shape
+    own = (segment[:, :, None] == segment[:, None, :]) & torch.ones(W, W, dtype=torch.bool, device=segment.device).tril()
+    return torch.cat([prompt_mask.bool()[:, None, :].expand(B, W, prompt_mask.shape[1]), own], dim=-1)[:, None]
+
+
 def _tails_side_by_side(model, packed: Packed, cache, tails, tok_lp, pad_id: int) -> None:
     """Add each tail's log-probs after its first token to tok_lp[b][j]: all tails of prompt row b go in one row,
     tail after tail; a tail token attends to the prompt's columns of the cache and to its own tail's earlier
     tokens, and its position continues the prompt's, so each tail sees exactly prompt + itself."""
-    K = packed.ids.shape[1]  # cached columns: the prompt rows as packed
     segments: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(packed.ids.shape[0])]  # (start, j, tail)
     for b, j, c in tails:
         if len(c) > 1:
@@ -288,14 +299,14 @@ def _tails_side_by_side(model, packed: Packed, cache, tails, tok_lp, pad_id: int
     B = len(segments)
     ids = torch.full((B, W), pad_id, dtype=torch.long)  # (B, W) tails without their last token
     pos = packed.pos[:, -1:].repeat(1, W) + 1  # (B, W)
-    mask = torch.zeros((B, 1, W, K + W), dtype=torch.bool)  # (B, 1, queries, keys): True = may attend
-    mask[:, 0, :, :K] = packed.mask.bool()[:, None, :]  # every query sees its prompt (pad queries too: no empty row)
+    segment = torch.full((B, W), -1, dtype=torch.long)  # (B, W) tail number within its row; -1 = padding
     for b, row in enumerate(segments):
-        for s, _, c in row:
+        for k, (s, _, c) in enumerate(row):
             n = len(c) - 1
             ids[b, s:s + n] = torch.tensor(c[:-1], dtype=torch.long)
             pos[b, s:s + n] = packed.pos[b, -1] + 1 + torch.arange(n)
-            mask[b, 0, s:s + n, K + s:K + s + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            segment[b, s:s + n] = k
+    mask = block_mask(packed.mask, segment)  # (B, 1, W, cached + W); every query sees its prompt (pad queries too: no empty row)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
     logps = logits.float().log_softmax(-1)  # (B, W, V): position s+t predicts token t+1 of its tail
     for b, row in enumerate(segments):

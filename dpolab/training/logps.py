@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpolab.models.scoring import takes_block_masks
+from dpolab.models.scoring import block_mask, takes_block_masks
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def _completions_side_by_side(body, head, batch: PairBatch, cache, prompt_mask, 
     restart after the prompt for each completion, so each sees exactly prompt + itself, as if run alone. The
     prompt's cache is used as it is: no copy per completion, and no padding to the longest single completion.
     """
-    B, P = prompt_mask.shape
+    B = prompt_mask.shape[0]
     device = batch.completion_ids.device
     lens = batch.completion_lens.view(B, 2)
     first, total = lens[:, :1], lens.sum(-1, keepdim=True)  # (B, 1): chosen length; chosen + rejected
@@ -244,9 +244,7 @@ def _completions_side_by_side(body, head, batch: PairBatch, cache, prompt_mask, 
                       batch.completion_ids[1::2].gather(1, t.clamp(max=C - 1)))  # (B, W); padding holds some real id
     pos = batch.prompt_lens[:, None] + t  # (B, W)
     segment = torch.where(chosen, 0, torch.where(rejected, 1, 2))  # 2 = padding
-    same = segment[:, :, None] == segment[:, None, :]  # (B, W, W)
-    own = same & torch.ones(W, W, dtype=torch.bool, device=device).tril()
-    mask = torch.cat([prompt_mask[:, None, :].expand(B, W, P), own], dim=-1)[:, None]  # (B, 1, W, P + W): True = attend
+    mask = block_mask(prompt_mask, segment)  # (B, 1, W, P + W): True = attend
     hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
     # token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0
     hidden = torch.cat([last_prompt_hidden[:, None], hidden], dim=1)  # (B, W + 1, H); index k holds the state before column k
