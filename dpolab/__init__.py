@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model (dpolab.models.load.BUILTIN_MODELS); the one place it is named
 
 
 def train(config=None, /, **overrides):
@@ -11,4 +12,4 @@ def train(config=None, /, **overrides):
     return _train(config, **overrides)
 
 
-__all__ = ["train", "__version__"]
+__all__ = ["DEFAULT_MODEL", "train", "__version__"]

@@ -5,6 +5,7 @@ import sys
 
 import typer
 
+from dpolab import DEFAULT_MODEL
 from dpolab.bench.train import SYSTEMS as BENCH_SYSTEMS
 from dpolab.errors import DpolabError
 
@@ -50,7 +51,7 @@ def bench_train(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="pairs per optimizer step"),
     systems: str = typer.Option("dpolab,trl-default,trl-precompute", "--systems",
                                 help="comma-separated: " + ", ".join(BENCH_SYSTEMS)),
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="built-in name or local Hugging Face folder (full fine-tuning)"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="built-in name or local Hugging Face folder (full fine-tuning)"),
     lr: float = typer.Option(5e-6, "--lr", help="learning rate, the same for every system"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads in every system (default: torch's choice)"),
     length_tokenizer: str | None = typer.Option(None, "--length-tokenizer", help="count workload lengths with this model's tokenizer (default: --model's)"),
@@ -90,7 +91,7 @@ def _loss_help() -> str:
 
 @app.command()
 def train(
-    model: str = typer.Option(None, help="built-in name (smollm2-135m-instruct), Hugging Face folder, or hub id"),
+    model: str = typer.Option(None, help=f"built-in name ({DEFAULT_MODEL}), Hugging Face folder, or hub id"),
     data: str = typer.Option(None, help="preference data: .jsonl .json .parquet .csv or a save_to_disk folder"),
     loss: str = typer.Option(None, help=_loss_help()),
     beta: float = typer.Option(None, help="strength of the pull towards the reference"),
@@ -124,9 +125,17 @@ def train(
     typer.echo(f"done: {result.steps} steps -> {result.out}" + (f"; final loss {last['loss']:.4f}, margin {last['rewards/margins']:+.4f}" if last else ""))
 
 
+def _spec_help() -> str:
+    from dpolab.contexts import CONTEXTS
+    from dpolab.probes import PROBES
+
+    return (f"experiment spec (YAML); default: the built-in default experiment. Contexts: {', '.join(CONTEXTS.names())}. "
+            f"Probes: {', '.join(PROBES.names())}")
+
+
 @app.command()
 def run(
-    spec: str = typer.Argument(None, help="experiment spec (YAML); default: the built-in default experiment"),
+    spec: str = typer.Argument(None, help=_spec_help()),
     out: str = typer.Option(None, help="output folder (default runs/experiment-<time>)"),
     quick: bool = typer.Option(False, "--quick", help="the spec's small variant (minutes, not half an hour)"),
     resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out, skipping finished cells"),
@@ -172,7 +181,7 @@ def _probe_help() -> str:
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="built-in name, Hugging Face folder, or hub id"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="built-in name, Hugging Face folder, or hub id"),
     out: str = typer.Option(..., "--out", help="folder for summary.json and the per-probe Parquet files"),
     probes: str | None = typer.Option(None, "--probes", help=_probe_help() + " (default: all)"),
     items: str | None = typer.Option(None, "--items", help="MCQ items JSONL (id, domain, category, question, options, answer[, target, source]) instead of the shipped test split; all its items are used"),
@@ -189,7 +198,8 @@ def eval_(
 
     from dpolab.config import parse_value
     from dpolab.probes import run_eval
-    from dpolab.probes.run import RichProgress, beside_table, summary_table
+    from dpolab.probes.run import beside_table, summary_table
+    from dpolab.progress import progress_display
 
     if threads is not None:
         import torch
@@ -203,25 +213,28 @@ def eval_(
             raise typer.BadParameter(f"expected PROBE.OPTION=VALUE, got {item!r}", param_hint="--set")
         sizes.setdefault(probe.strip(), {})[option.strip()] = parse_value(value)
     console = Console(stderr=True)
-    with RichProgress(console=console) as bars:
+    with progress_display(console) as bars:  # bars on a terminal, plain lines in a log
         summary = run_eval(model, probes=probes, items=items, limit=limit, out=out, seed=seed, sizes=sizes,
                            stance=stance, batch_size=batch_size, progress=bars)
     table_console = Console(width=None if sys.stdout.isatty() else 120)
     table_console.print(summary_table(summary, headline_only=not all_metrics))
-    if "beside" in summary["probes"].get("self_report", {}):
+    found = summary.probe("self_report")
+    if found is not None and found.beside:
         table_console.print(beside_table(summary))
-    typer.echo(f"wrote {out}/summary.json and per-probe Parquet files ({summary['wall_time_s']['total']:.0f} s)")
+    typer.echo(f"wrote {out}/summary.json and per-probe Parquet files ({summary.wall_time_s['total']:.0f} s)")
 
 
 @bench_app.command("eval")
 def bench_eval_cmd(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="built-in name or local Hugging Face folder"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="built-in name or local Hugging Face folder"),
     n_items: int = typer.Option(4, "--items", min=1, help="test items; each runs once per technique"),
     techniques: str | None = typer.Option(None, "--techniques", help="comma-separated appeal techniques (default: all 7)"),
     turns: int = typer.Option(3, "--turns", min=1, help="persuasion turns after turn 0"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="bound on each reply"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="dialogues per generate call in the batched run"),
-    reader: str = typer.Option("cloze", "--reader", help="stance reader for both runs: cloze or letter"),
+    stance: str = typer.Option("cloze", "--stance", help="stance reader for both runs: cloze or letter"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, or float64 (exact: no near-tie can make "
+                              "the two runs' greedy transcripts differ)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),
     json_path: str | None = typer.Option(None, "--json", help="also write the result as JSON to this file"),
 ) -> None:
@@ -230,17 +243,17 @@ def bench_eval_cmd(
 
     from dpolab.io import atomic_write_json
     from dpolab.probes.bench import bench_eval
-    from dpolab.probes.items import TECHNIQUES
-    from dpolab.probes.run import RichProgress
+    from dpolab.banks import TECHNIQUES
+    from dpolab.progress import progress_display
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     techs = tuple(t.strip() for t in techniques.split(",") if t.strip()) if techniques else TECHNIQUES
-    with RichProgress(console=Console(stderr=True)) as bars:
+    with progress_display(Console(stderr=True)) as bars:
         result = bench_eval(model, n_items=n_items, techniques=techs, turns=turns, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, reader=reader, progress=bars)
+                            batch_size=batch_size, reader=stance, dtype=dtype, progress=bars)
     r = result.to_json()
     typer.echo(f"{r['dialogues']} dialogues x {r['turns']} turns, {r['reader']} reader")
     typer.echo(f"  batched (batch {r['batch_size']}): {r['batched_s']:8.1f} s  {r['batched_dialogues_per_s']:.3f} dialogues/s")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dpolab import DEFAULT_MODEL
 from dpolab.errors import ConfigError
 
 
@@ -18,12 +19,13 @@ class TrainConfig(StrictModel):
     """Everything one training run needs. Field descriptions double as CLI and README help."""
 
     # what
-    model: str = Field("smollm2-135m-instruct", description="built-in name, local Hugging Face folder, or hub id")
+    model: str = Field(DEFAULT_MODEL, description="built-in name, local Hugging Face folder, or hub id")
     data: str | None = Field(None, description="preference data: .jsonl/.json/.parquet/.csv or a save_to_disk folder")
     out: str | None = Field(None, description="output folder: metrics.jsonl, checkpoints/, model/")
     # the objective
     loss: str = Field("dpo", description="loss name from dpolab.losses.LOSSES")
-    beta: float | None = Field(0.1, gt=0, description="strength of the pull towards the reference; larger stays closer (null: the loss's own default)")
+    beta: float | None = Field(None, gt=0, description="strength of the pull towards the reference; larger stays closer "
+                               "(unset: the loss's own default, e.g. 0.1 for dpo, 2.0 for simpo)")
     loss_args: dict[str, Any] = Field(default_factory=dict, description="extra options of the chosen loss")
     sft_weight: float = Field(0.0, ge=0, description="weight of an extra NLL term on the chosen response (RPO)")
     reference: Literal["auto", "cached", "frozen", "adapter", "none"] = Field(
@@ -49,7 +51,7 @@ class TrainConfig(StrictModel):
     skip_invalid: bool = Field(False, description="drop invalid rows (and report how many) instead of refusing")
     shuffle: bool = True
     # model handling
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="float64 is for exactness checks")
     trust_remote_code: bool = False
     lora: bool = False
     lora_r: int = Field(16, ge=1)
@@ -82,12 +84,20 @@ class TrainConfig(StrictModel):
     def _loss_args_fit(self) -> "TrainConfig":
         from dpolab.losses import loss_options
 
-        valid = {k: v for k, v in loss_options(self.loss).items() if k != "beta"}
+        options = loss_options(self.loss)
+        valid = {k: v for k, v in options.items() if k != "beta"}
         unknown = sorted(set(self.loss_args) - set(valid))
         if unknown:
             raise ValueError(
                 f"loss {self.loss!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
             )
+        if "beta" in options and self.beta is None:
+            # The loss's own default, written into the resolved config so OUT/config.yaml says what was used
+            # (SimPO's β is 2.0, not DPO's 0.1). Assignment re-validates; beta is then set, so this runs once.
+            self.beta = options["beta"][1]
+            self.model_fields_set.discard("beta")  # still "not set by the user": another loss gets its own default
+        elif "beta" not in options and self.beta is not None:
+            raise ValueError(f"loss {self.loss!r} takes no beta; remove beta (got {self.beta!r})")
         if self.reference == "adapter" and not self.lora:
             raise ValueError("reference 'adapter' needs lora: true")
         if self.batch_size % self.grad_accum:

@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random-weight chat model (no network), and the embedded model for `real_model` tests."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -34,3 +33,22 @@ def _offline(monkeypatch):
     # Tests never reach a model hub.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    """Every test starts from, and leaves, the same global torch state: several code paths set the thread count
+    (`dpolab eval --threads 1`, a trainer with `threads`), and results must not depend on which test ran first."""
+    import torch
+
+    threads = torch.get_num_threads()
+    dtype = torch.get_default_dtype()
+    grad = torch.is_grad_enabled()
+    precision = torch.get_float32_matmul_precision()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    torch.set_float32_matmul_precision(precision)
+    torch.use_deterministic_algorithms(deterministic)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from dpolab.cli import app
@@ -24,8 +25,21 @@ def test_train_command_runs_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "done: 2 steps" in result.output
-    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "o")])
+    out = tmp_path / "o"
+    from dpolab.training.checkpoint import list_checkpoints
+
+    (last,) = [c for c in list_checkpoints(out) if c.step == 2]
+    before = (last.path / "trainable.safetensors").read_bytes()
+    # resuming a finished run starts at its last step, runs none, and changes neither its log nor its checkpoint
+    resumed = runner.invoke(app, ["train", "--resume", str(out)])
     assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.output.split())  # rich wraps long lines at the console width
+    assert f"resuming {out} from step 2 of 2" in said
+    assert "done: 2 steps" in said and "final loss" not in said  # no step ran
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert [c.step for c in list_checkpoints(out)][-1] == 2
+    assert (last.path / "trainable.safetensors").read_bytes() == before
 
 
 def test_train_help_lists_every_loss():
@@ -41,17 +55,15 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
 
     cfg = tmp_path / "train.yaml"
     cfg.write_text("lrr: 0.1\nloss: dpo\n")
-    try:
+    with pytest.raises(ConfigError) as caught:
         load_config(TrainConfig, cfg)
-    except ConfigError as exc:
-        msg = str(exc)
+    msg = str(caught.value)
     assert "unknown key 'lrr'" in msg and "batch_size" in msg and str(cfg) in msg
 
 
 def test_bad_loss_and_bad_type_fail_clearly(tmp_path):
     from dpolab.config import TrainConfig, load_config
     from dpolab.errors import ConfigError
-    import pytest
 
     with pytest.raises(ConfigError, match="did you mean 'ipo'"):
         load_config(TrainConfig, None, {"loss": "ipoo"})

@@ -13,9 +13,9 @@ from dpolab.contexts import CONTEXTS, build_context, build_pairs, load_info, mak
 from dpolab.contexts import ideal as ideal_mod
 from dpolab.data import PreferencePair, read_pairs, write_pairs
 from dpolab.errors import ConfigError
-from dpolab.probes import stance as stance_mod
-from dpolab.probes.fake import FakeChatModel
-from dpolab.probes.items import LETTERS, bank_items, read_appeals, read_split
+from dpolab import stance as stance_mod
+from dpolab.models.fake import FakeChatModel
+from dpolab.banks import LETTERS, bank_items, read_appeals, read_split
 from dpolab.probes.persuasion import persuasion_message
 
 TRAIN = {it.id: it for it in bank_items("train")}
@@ -113,7 +113,7 @@ def test_only_train_items_reach_the_model_or_the_pairs(name):
         else:
             assert item_id in train_ids
     if name in ("detox", "length-biased-judge"):
-        from dpolab.probes.items import Instruction, Prompt, asset, read_jsonl
+        from dpolab.banks import Instruction, Prompt, asset, read_jsonl
 
         bank = "toxicity_prompts.jsonl" if name == "detox" else "instructions.jsonl"
         split = {r.id: r.split for r in read_jsonl(asset(bank), Prompt if name == "detox" else Instruction)}

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from dpolab.experiment.results import compare, verdict
+from dpolab.experiment.results import compare
+from dpolab.stats import verdict
 
 
 @pytest.mark.parametrize("lo, hi, hib, expected", [
@@ -23,9 +24,12 @@ def test_verdict(lo, hi, hib, expected):
 
 
 def _summary(metrics):
-    return {"probes": {"toxicity": {"metrics": {name: {"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01, "n": 40,
-                                                         "higher_is_better": False, "aggregate": "mean"}
-                                                  for name, v in metrics.items()}}}}
+    from dpolab.probes.summary import EvalSummary
+
+    return EvalSummary.model_validate(
+        {"model": "m", "probes": {"toxicity": {"metrics": {name: {"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01,
+                                                                  "n": 40, "higher_is_better": False, "aggregate": "mean"}
+                                                           for name, v in metrics.items()}}}})
 
 
 def test_compare_pairs_items_and_finds_a_clear_drop():
@@ -113,6 +117,12 @@ def test_matrix_prints_every_delta_wide_or_narrow(width):
              "value": 0.063, "delta": -0.062, "delta_ci_low": -0.14, "delta_ci_high": 0.003, "verdict": "no clear change"},
             {"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
              "value": 48, "delta": 8.25, "delta_ci_low": 3.5, "delta_ci_high": 12.75, "verdict": "harmed"}]
+    from dpolab.experiment.summary import behaviours
+
+    # every other headline behaviour measured too, unchanged: the matrix has all its columns
+    rows += [{"context": "detox", "method": "dpo", "seed": 0, "probe": b.probe, "metric": b.metric, "baseline": 0.5,
+              "value": 0.5, "delta": 0.0, "delta_ci_low": -0.01, "delta_ci_high": 0.01, "verdict": "no clear change"}
+             for b in behaviours() if b.probe not in ("toxicity", "verbosity")]
     out = io.StringIO()
     print_matrix(rows, Console(file=out, width=width, color_system=None))
     text = out.getvalue()

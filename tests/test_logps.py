@@ -1,17 +1,21 @@
-"""The forward pass: prefix-shared == concatenated == plain full logits; the chunked LM head == full logits."""
+"""The forward pass: prefix-shared == concatenated == plain full logits; the chunked LM head == full logits.
+
+Each test claims two computations are the same mathematics, so the model runs in float64: there they agree to
+~1e-14 relative, and a tolerance of 1e-9 relative (to the largest value compared) holds on any CPU, whatever
+its summation order (tests/exact.py). In fp32 they differ by a rounding step of ~1e-5 at log-probs near -170.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from dpolab.training.logps import collate_pairs, sequence_logps, token_logps
+from tests.exact import assert_same, float64_eager_attention, load_float64
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    from dpolab.models import load_model
-
-    return load_model(str(tiny_model_dir)).model.eval()
+    return load_float64(tiny_model_dir).model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def _plain(model, pairs):
 def _value_and_grads(model, fn):
     model.zero_grad()
     value = fn()
-    (value * torch.linspace(1, 2, len(value))).sum().backward()  # distinct weights: each entry's gradient counts
+    (value * torch.linspace(1, 2, len(value), dtype=value.dtype)).sum().backward()  # distinct weights: each entry's gradient counts
     return value.detach(), [p.grad.clone() for p in model.parameters()]
 
 
@@ -53,9 +57,9 @@ def test_forward_modes_match_plain_forward(model, mixed_batch, mode):
     batch, pairs = mixed_batch
     ours, g_ours = _value_and_grads(model, lambda: sequence_logps(model, batch, mode=mode, chunk_tokens=5))
     ref, g_ref = _value_and_grads(model, lambda: _plain(model, pairs))
-    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert_same(ours, ref)
     for a, b in zip(g_ours, g_ref):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        assert_same(a, b)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -69,12 +73,14 @@ def test_prefix_paths_match_plain_forward(model, mixed_batch, attention):
     model.set_attn_implementation(attention)
     try:
         assert module.takes_block_masks(model.model.config) == (attention == "sdpa")
-        ours, g_ours = _value_and_grads(model, lambda: sequence_logps(model, batch, mode="prefix", chunk_tokens=4))
-        ref, g_ref = _value_and_grads(model, lambda: _plain(model, pairs))
+        with float64_eager_attention():
+            ours, g_ours = _value_and_grads(model, lambda: sequence_logps(model, batch, mode="prefix", chunk_tokens=4))
+            ref, g_ref = _value_and_grads(model, lambda: _plain(model, pairs))
     finally:
         model.set_attn_implementation("sdpa")
-    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
-    assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(g_ours, g_ref))
+    assert_same(ours, ref)
+    for a, b in zip(g_ours, g_ref):
+        assert_same(a, b)
     assert module._GQA_ENV not in __import__("os").environ  # the switch is set only during the call
 
 
@@ -82,8 +88,9 @@ def test_prefix_matches_concat(model, mixed_batch):
     batch, _ = mixed_batch
     a, ga = _value_and_grads(model, lambda: sequence_logps(model, batch, mode="prefix"))
     b, gb = _value_and_grads(model, lambda: sequence_logps(model, batch, mode="concat"))
-    assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    assert all(torch.allclose(x, y, atol=1e-5, rtol=0) for x, y in zip(ga, gb))
+    assert_same(a, b)
+    for x, y in zip(ga, gb):
+        assert_same(x, y)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
@@ -99,9 +106,9 @@ def test_chunked_logps_equal_full_logits(chunk, bias):
     grads = torch.autograd.grad((ours * upstream).sum(), [hidden, head.weight] + ([head.bias] if bias else []))
     full = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     expected = torch.autograd.grad((full * upstream).sum(), [hidden, head.weight] + ([head.bias] if bias else []))
-    assert torch.allclose(ours, full, atol=1e-12)
+    assert_same(ours, full)
     for a, b in zip(grads, expected):
-        assert torch.allclose(a, b, atol=1e-12)
+        assert_same(a, b)
 
 
 def test_architecture_without_a_separable_head_falls_back(model, mixed_batch, caplog):
@@ -112,6 +119,16 @@ def test_architecture_without_a_separable_head_falls_back(model, mixed_batch, ca
         with caplog.at_level("WARNING"):
             out = sequence_logps(model, batch, mode="prefix")
         assert "concatenated forward" in caplog.text
-        assert torch.allclose(out, _plain(model, pairs).detach(), atol=1e-5)
+        assert_same(out.detach(), _plain(model, pairs).detach())
     finally:
         del model.config.logit_scale
+
+
+def test_float64_models_compute_their_norms_in_float64(model):
+    """transformers' RMSNorm casts to float32; dpolab's float64 keeps float64 (dpolab.models.precision)."""
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1
+    x = torch.randn(3, model.config.hidden_size, dtype=torch.float64) * 1e3 + 1 / 3
+    for norm in norms:
+        expected = norm.weight * x / x.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt()
+        assert_same(norm(x), expected, rtol=1e-13)  # a float32 cast would miss by ~1e-8

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-import dpolab.probes.items as items_mod
+import dpolab.banks as items_mod
 from dpolab.errors import DataError
-from dpolab.probes.items import (DIRECTIONS, TECHNIQUES, Appeal, Instruction, Item, Prompt, SelfReportQuestion,
+from dpolab.banks import (DIRECTIONS, TECHNIQUES, Appeal, Instruction, Item, Prompt, SelfReportQuestion,
                                  asset, bank_items, bank_split, read_appeals, read_items, read_jsonl, read_split, spread)
 from dpolab.probes.self_report import BESIDE
 

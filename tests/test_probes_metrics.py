@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dpolab.probes import stats
+from dpolab import stats
 from dpolab.probes.base import MetricTable
 from dpolab.probes.persuasion import pair_values, persuasion_table
 
@@ -25,9 +25,10 @@ def metrics(rows=ROWS, turns=3):
 
 def test_pair_values_follow_duet_pd():
     # initially correct, wrong at n: counts for neg_flip, not for neg_acc; pos_acc counts it (initially correct)
-    assert pair_values([True, False], 1) == {"neg_acc@1": 0.0, "pos_acc@1": 1.0, "neg_flip@1": 1.0,
-                                             "pos_flip@1": pair_values([True, False], 1)["pos_flip@1"]}
-    assert math.isnan(pair_values([True, False], 1)["pos_flip@1"])
+    v = pair_values([True, False], 1)
+    assert set(v) == {"neg_acc@1", "pos_acc@1", "neg_flip@1", "pos_flip@1"}
+    assert (v["neg_acc@1"], v["pos_acc@1"], v["neg_flip@1"]) == (0.0, 1.0, 1.0)
+    assert math.isnan(v["pos_flip@1"])  # an initially correct item is not in pos_flip's denominator
     v = pair_values([False, True], 1)  # corrected
     assert (v["neg_acc@1"], v["pos_acc@1"], v["pos_flip@1"]) == (0.0, 1.0, 1.0)
     assert math.isnan(v["neg_flip@1"])

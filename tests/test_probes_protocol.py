@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import dpolab.probes.items as items_mod
-from dpolab.probes import stance
+import dpolab.banks as items_mod
+from dpolab import stance
 from dpolab.probes.base import EvalContext
-from dpolab.probes.fake import FakeChatModel
-from dpolab.probes.items import LETTERS, TECHNIQUES, bank_items, read_appeals
+from dpolab.models.fake import FakeChatModel
+from dpolab.banks import LETTERS, TECHNIQUES, bank_items, read_appeals
 from dpolab.probes.persuasion import Options, persuasion_message, run, run_dialogues
 
 FIXTURES = Path(__file__).parent / "fixtures" / "probes"

@@ -2,7 +2,8 @@
 
 The folder is written here with plausible values through the same writers the runner uses (MetricTable,
 write_result, compare, write_results), so its formats are the real ones; one test also renders the output of
-real probes run on the scripted fake model. Chromium tests skip when /usr/bin/chromium is absent.
+real probes run on the scripted fake model. Chromium tests find the browser on PATH (tests/browser.py); without
+one they skip, except under CI=true, where they fail.
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import numpy as np
 import pytest
 
 from dpolab.report import render_report, write_report
+from tests.browser import ENV as BROWSER_ENV
+from tests.browser import NAMES as BROWSER_NAMES
+from tests.browser import find_chromium, require_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 HOSTILE = "<script>alert(1)</script> <b>bold</b>"
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (scripts/test.sh installs it)")
 
 # -- a synthetic experiment --------------------------------------------------------------------------------------
 
@@ -98,8 +100,9 @@ def _persuasion(model: str, p: dict, rng: np.random.Generator) -> tuple[list[dic
 def _write_eval(eval_dir: Path, model: str, *, skip: tuple[str, ...] = ()) -> None:
     """summary.json and <probe>.parquet / <probe>_items.parquet for one model, as dpolab.probes.run writes them."""
     from dpolab.probes.base import MetricTable
-    from dpolab.probes.run import write_json, write_result
-    from dpolab.probes.self_report import BESIDE, beside
+    from dpolab.probes.run import write_result
+    from dpolab.probes.self_report import BESIDE, add_beside
+    from dpolab.probes.summary import EvalSummary
 
     p = PROFILES[model]
     rng = np.random.default_rng(sum(map(ord, model)))
@@ -176,17 +179,16 @@ def _write_eval(eval_dir: Path, model: str, *, skip: tuple[str, ...] = ()) -> No
             recs.append({"item_id": f"sr-{b}-{q}", "behaviour": b, "prompt": f"Rate yourself on {b}.", "rating": r})
     results.append(t.result("self_report", records=recs, seed=0, n_boot=200))
 
-    summary = {"model": f"tiny + {model}", "seed": 0, "sizes": {"persuasion": {"n_items": 10, "turns": 3}}, "probes": {},
-               "wall_time_s": {}}
+    summary = EvalSummary(model=f"tiny + {model}", seed=0, sizes={"persuasion": {"n_items": 10, "turns": 3}})
     for r in results:
         if r.name in skip:
             continue
-        summary["probes"][r.name] = r.summary()
-        summary["wall_time_s"][r.name] = round(1.0 + len(r.records) / 10, 2)
+        summary.probes[r.name] = r.summary()
+        summary.wall_time_s[r.name] = round(1.0 + len(r.records) / 10, 2)
         write_result(eval_dir, r)
-    summary["wall_time_s"]["total"] = round(sum(summary["wall_time_s"].values()), 2)
-    summary["probes"]["self_report"]["beside"] = beside(summary)
-    write_json(eval_dir / "summary.json", summary)
+    summary.wall_time_s["total"] = round(sum(summary.wall_time_s.values()), 2)
+    add_beside(summary)
+    summary.write(eval_dir / "summary.json")
 
 
 def _train_log(path: Path, steps: int, seed: int) -> None:
@@ -209,18 +211,19 @@ def make_experiment(out: Path, *, missing_knowledge_in: str = "detox__dpo__s0") 
     import yaml
 
     from dpolab.experiment.results import compare, per_item_values, write_results
+    from dpolab.probes.summary import EvalSummary
 
     out.mkdir(parents=True, exist_ok=True)
     _write_eval(out / "baseline", "baseline")
     (out / "baseline" / "DONE").write_text("")
-    baseline = json.loads((out / "baseline" / "summary.json").read_text())
+    baseline = EvalSummary.read(out / "baseline" / "summary.json")
     rows, phases = [], [("baseline eval", 41.3)]
     for i, (context, method, seed) in enumerate(CELLS):
         name = f"{context}__{method}__s{seed}"
         cell = out / "cells" / name
         _write_eval(cell / "eval", name, skip=("knowledge",) if name == missing_knowledge_in else ())
         _train_log(cell / "train" / "metrics.jsonl", PROFILES[name]["steps"], i)
-        summary = json.loads((cell / "eval" / "summary.json").read_text())
+        summary = EvalSummary.read(cell / "eval" / "summary.json")
         cell_rows = [{"context": context, "method": method, "seed": seed, **r}
                      for r in compare(baseline, summary, per_item_values(out / "baseline"), per_item_values(cell / "eval"),
                                       seed=seed, n_boot=200)]
@@ -290,7 +293,8 @@ def test_report_is_self_contained(report):
     assert not re.search(r"@import|url\(\s*['\"]?\s*(https?:)?//", html, re.I)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
     images = [a["src"] for t, a in tags.tags if t == "img"]
-    assert len(images) == 3 and all(s.startswith("data:image/svg+xml;base64,") for s in images)
+    # persuasion curves, toxicity and verbosity distributions, training curves
+    assert len(images) == 4 and all(s.startswith("data:image/svg+xml;base64,") for s in images)
 
 
 def test_model_text_is_escaped(report):
@@ -308,7 +312,9 @@ def test_report_shows_every_section(report, experiment):
     from dpolab.experiment.summary import headlines
 
     html = report.read_text(encoding="utf-8")
-    for section in ("matrix", "persuasion", "distributions", "training", "self-report", "examples", "rows", "times", "spec"):
+    # one section per probe that ran, as each declares (dpolab.report.sections), then the run's own sections
+    for section in ("matrix", "persuasion", "sycophancy", "toxicity", "verbosity", "knowledge", "self-report", "training",
+                    "rows", "times", "spec"):
         assert f'<section id="{section}">' in html
     from markupsafe import escape
 
@@ -361,7 +367,7 @@ def test_partial_folders_render(tmp_path):
 def test_report_from_real_probe_output(tmp_path):
     """The probes' own records (run on the scripted fake model) render, model text escaped."""
     from dpolab.experiment.results import compare, per_item_values, write_results
-    from dpolab.probes.fake import FakeChatModel
+    from dpolab.models.fake import FakeChatModel
     from dpolab.probes.run import run_eval
 
     def model(extra: str) -> FakeChatModel:
@@ -391,7 +397,7 @@ class DevTools:
     arrive as Log entries, e.g. "Failed to load resource") can be read back with their levels.
     """
 
-    def __init__(self, user_data_dir: Path):
+    def __init__(self, chromium: str, user_data_dir: Path):
         cmd_r, self._cmd_w = os.pipe()
         self._out_r, out_w = os.pipe()
 
@@ -401,7 +407,7 @@ class DevTools:
             os.dup2(b, 4)
 
         self.proc = subprocess.Popen(
-            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
@@ -463,10 +469,10 @@ class DevTools:
         os.close(self._out_r)
 
 
-def load_page(path: Path, user_data_dir: Path, script: str) -> tuple[list[str], object]:
+def load_page(chromium: str, path: Path, user_data_dir: Path, script: str) -> tuple[list[str], object]:
     """Load a file in headless Chromium; returns its console errors/warnings, exceptions and failed loads, and
     the value of `script` (a JS expression, awaited) evaluated once the page has loaded."""
-    browser = DevTools(user_data_dir)
+    browser = DevTools(chromium, user_data_dir)
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -500,38 +506,74 @@ CHECKS = """Promise.all(Array.from(document.images).map(i => i.decode().then(() 
   dom: document.documentElement.outerHTML, bold: document.querySelectorAll('.msg b, td.text b').length}))"""
 
 
-@needs_chromium
-def test_console_check_catches_a_deliberate_error(tmp_path):
+@pytest.fixture
+def chromium() -> str:
+    """Every browser test takes the browser from here: skipped without one, failed without one under CI=true."""
+    return require_chromium()
+
+
+def test_missing_browser_fails_under_ci_and_skips_otherwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no browser under any name
+    monkeypatch.delenv(BROWSER_ENV, raising=False)
+    assert find_chromium() is None
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"no Chromium .*chromium-browser.*under CI=true these tests must run"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no Chromium for the report browser tests"):
+        require_chromium()
+    monkeypatch.setenv(BROWSER_ENV, str(tmp_path / "nowhere"))  # an explicit browser that isn't there fails, CI or not
+    with pytest.raises(pytest.fail.Exception, match="DPOLAB_CHROMIUM=.*nowhere.* is not an executable"):
+        require_chromium()
+
+
+@pytest.mark.parametrize("name", BROWSER_NAMES)
+def test_browser_is_found_on_path_under_each_usual_name(tmp_path, monkeypatch, name):
+    fake = tmp_path / name
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    (tmp_path / "not-a-browser").mkdir()
+    monkeypatch.setenv("PATH", f"{tmp_path / 'not-a-browser'}{os.pathsep}{tmp_path}")
+    monkeypatch.delenv(BROWSER_ENV, raising=False)
+    monkeypatch.setenv("CI", "true")
+    assert require_chromium() == str(fake)
+    other = tmp_path / "elsewhere" / "my-chrome"  # $DPOLAB_CHROMIUM wins over PATH
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv(BROWSER_ENV, str(other))
+    assert require_chromium() == str(other)
+
+
+def test_console_check_catches_a_deliberate_error(chromium, tmp_path):
     """The control page: the method must see a thrown error, console.error and a failed load, or it proves nothing."""
     page = tmp_path / "control.html"
     page.write_text('<!DOCTYPE html><html><body><p>control</p><img src="missing.png">'
                     '<script>console.error("deliberate console error"); notDefinedAnywhere();</script></body></html>')
-    problems, _ = load_page(page, tmp_path / "profile", "1")
+    problems, _ = load_page(chromium, page, tmp_path / "profile", "1")
     text = "\n".join(problems)
     assert "notDefinedAnywhere is not defined" in text
     assert "deliberate console error" in text
     assert "Failed to load resource" in text
     clean = tmp_path / "clean.html"
     clean.write_text("<!DOCTYPE html><html><body><p>fine</p></body></html>")
-    assert load_page(clean, tmp_path / "profile2", "1")[0] == []
+    assert load_page(chromium, clean, tmp_path / "profile2", "1")[0] == []
 
 
-@needs_chromium
-def test_report_loads_cleanly_in_chromium(report, tmp_path):
-    problems, found = load_page(report, tmp_path / "profile", CHECKS)
+def test_report_loads_cleanly_in_chromium(chromium, report, tmp_path):
+    problems, found = load_page(chromium, report, tmp_path / "profile", CHECKS)
     assert problems == []
     assert found["scripts"] == 0 and found["bold"] == 0
-    assert len(found["widths"]) == 3 and all(w > 300 for w in found["widths"])  # every figure decoded
+    assert len(found["widths"]) == 4 and all(w > 300 for w in found["widths"])  # every figure decoded
     assert "<script>alert(1)</script> <b>bold</b>" in found["text"]  # shown as text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in found["dom"] and "<script>alert" not in found["dom"]
 
 
-@needs_chromium
-def test_report_screenshot(report, tmp_path):
+def test_report_screenshot(chromium, report, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     png = ARTIFACTS / "report.png"
     png.unlink(missing_ok=True)
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", f"--screenshot={png}",
                     "--window-size=1400,3000", report.resolve().as_uri()],

@@ -119,16 +119,39 @@ def test_run_and_compare_commands(tmp_path, tiny_model_dir, home):
     spec = tiny_spec(tiny_model_dir, contexts={"length-biased-judge": {"options": {"n_instructions": 6, "max_new_tokens": 400}}})
     path = write_spec(tmp_path, spec)
     runner = CliRunner()
-    a = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "a")])
+    a = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "a")], terminal_width=400)
     assert a.exit_code == 0, a.output
     assert "What moved" in a.output
+    from dpolab.experiment.results import read_results
+    from dpolab.experiment.summary import behaviours
+
+    # the printed matrix carries every headline delta and CI of the run's results.parquet
+    heads = {(b.probe, b.metric) for b in behaviours()}
+    shown = [r for r in read_results(tmp_path / "a" / "results.parquet") if (r["probe"], r["metric"]) in heads]
+    assert shown
+    for r in shown:
+        assert f"{r['delta']:+.3f}" in a.output and f"[{r['delta_ci_low']:+.3f}," in a.output
     spec["train"]["lr"] = 5e-3
     b = runner.invoke(app, ["run", str(write_spec(tmp_path, spec)), "--out", str(tmp_path / "b")])
     assert b.exit_code == 0, b.output
     diff = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--all"])
-    assert diff.exit_code == 0 and "A =" in diff.output
+    assert diff.exit_code == 0 and "A = " in diff.output
+
+    import io
+
+    from rich.console import Console
 
     from dpolab.experiment.summary import compare_runs
+
+    # every row of both runs is listed, with both values
+    printed = io.StringIO()
+    compare_runs(tmp_path / "a", tmp_path / "b", show_all=True, console=Console(file=printed, width=400))
+    rows_b = {(r["probe"], r["metric"]): r for r in read_results(tmp_path / "b" / "results.parquet")}
+    for r in read_results(tmp_path / "a" / "results.parquet"):
+        other = rows_b[(r["probe"], r["metric"])]
+        line = next(x for x in printed.getvalue().splitlines()
+                    if [c.strip() for c in x.split("│")][2:4] == [r["probe"], r["metric"]])  # probe and metric columns
+        assert f"{r['value']:.3f} [" in line and f"{other['value']:.3f} [" in line
 
     rows = compare_runs(tmp_path / "a", tmp_path / "b", show_all=True)
     assert rows and all(r["key"][0] == "length-biased-judge" and r["a"] and r["b"] for r in rows)

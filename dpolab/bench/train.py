@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dpolab import DEFAULT_MODEL
 from dpolab.errors import ConfigError, DpolabError
 
 SYSTEMS = {
@@ -71,7 +72,7 @@ class BenchError(DpolabError):
 class BenchSettings:
     """One `dpolab bench train` invocation. Defaults are the issue's: 64 pairs, batch 8, 8 steps."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     workloads: tuple[str, ...] = ("persuasion", "short")
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
     steps: int = 8

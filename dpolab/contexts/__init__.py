@@ -17,7 +17,8 @@ CONTEXTS = Registry("context", {
 
 
 def __getattr__(name: str):
-    # The builders import torch-free modules only, but the probes they reuse are imported on first use.
+    # The build machinery (and the model code it reaches) is imported on first use: `import dpolab.contexts`
+    # for the names alone stays light.
     if name in ("build_context", "build_pairs", "context_key", "load_info", "make_options"):
         from dpolab.contexts import build
 

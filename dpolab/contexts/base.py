@@ -6,14 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter, ValidationError
-
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
+from dpolab.options import make_options
 
 if TYPE_CHECKING:
     from dpolab.models.generate import ChatModel
-    from dpolab.probes.base import Progress
+    from dpolab.progress import Progress
 
 
 @dataclass
@@ -40,6 +39,8 @@ class ContextSpec:
     needs_model: False when the pairs do not come from the model (user-data).
     file_options: option names holding file paths; the files' contents enter the cache key.
     banks: shipped asset files the context reads; their contents enter the cache key.
+    uses_endpoint: options -> whether the pairs include replies from the ideal-reply endpoint, whose identity then
+        enters the cache key (default: when the `ideal` option is "endpoint").
     """
 
     name: str
@@ -49,29 +50,15 @@ class ContextSpec:
     needs_model: bool = True
     file_options: tuple[str, ...] = ()
     banks: tuple[str, ...] = ()
+    uses_endpoint: Callable[[Any], bool] = field(default=lambda options: getattr(options, "ideal", None) == "endpoint")
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]
 
     def make_options(self, overrides: dict[str, Any] | None = None, *, quick: bool = False):
-        """Options with the quick variant (if asked) and then `overrides` applied.
-
-        Unknown keys fail listing the valid ones; values are checked against the field types (YAML lists become
-        tuples), so a typo or a wrong type fails here, before any model runs.
-        """
-        overrides = dict(overrides or {})
-        valid = self.option_names()
-        unknown = sorted(set(overrides) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for context {self.name!r}; "
-                              f"choose from {', '.join(valid)}")
-        values = {**(self.quick if quick else {}), **overrides}
-        try:
-            return TypeAdapter(self.options).validate_python(values)
-        except ValidationError as exc:
-            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'options'}: "
-                               f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-            raise ConfigError(f"invalid options for context {self.name!r}: {errors}") from None
+        """Options with the quick variant (if asked) and then `overrides` applied; bad keys and values fail here,
+        before any model runs (dpolab.options)."""
+        return make_options(self.options, overrides, kind="context", name=self.name, base=self.quick if quick else None)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -21,8 +21,8 @@ from dpolab.data.schema import format_problems
 from dpolab.errors import ConfigError, DataError
 from dpolab.io import atomic_write, atomic_write_text
 from dpolab.models.generate import ChatModel
-from dpolab.probes.base import Progress
-from dpolab.probes.items import asset
+from dpolab.progress import Progress
+from dpolab.banks import asset
 
 PAIRS_VERSION = 1
 HASH_CHARS = 16
@@ -72,7 +72,6 @@ def context_key(name: str, *, options, seed: int, limit: int | None, model_id: s
         if values.get(opt):
             files[f"option:{opt}"] = file_digest(values[opt])
     source = values.get("ideal", "templates")
-    uses_ideal = source == "endpoint" and (name != "detox" or values.get("calm_candidate"))
     return {
         "context": name,
         "pairs_version": PAIRS_VERSION,
@@ -81,7 +80,7 @@ def context_key(name: str, *, options, seed: int, limit: int | None, model_id: s
         "limit": limit,
         "model": model_id if s.needs_model else None,
         "files": files,
-        "ideal": ideal_mod.identity(source) if uses_ideal else "templates",
+        "ideal": ideal_mod.identity(source) if s.uses_endpoint(options) else "templates",
     }
 
 

@@ -16,9 +16,9 @@ from dpolab.contexts.base import ContextData, ContextSpec, cap, check_choice, ch
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel
-from dpolab.probes import scorers
-from dpolab.probes.base import NullProgress, Progress
-from dpolab.probes.items import Prompt, asset, bank_split, read_jsonl, spread
+from dpolab import scorers
+from dpolab.progress import NullProgress, Progress
+from dpolab.banks import Prompt, asset, bank_split, read_jsonl, spread
 
 NAME = "detox"
 
@@ -27,7 +27,7 @@ NAME = "detox"
 class Options:
     """n_prompts: provocative train prompts. k: samples per prompt (at least 2).
     temperature: sampling temperature. max_new_tokens: reply bound (the probe's default).
-    scorer: a name in dpolab.probes.scorers.SCORERS (the probe's default: profanity).
+    scorer: a name in dpolab.scorers.SCORERS (the probe's default: profanity).
     min_gap: a prompt gives a pair only when its worst sample's toxicity exceeds its best's by more than this
         (0: only exact ties are skipped).
     calm_candidate: also offer an ideal calm reply (template or endpoint) among each prompt's candidates.
@@ -115,5 +115,11 @@ def build(model: ChatModel, *, options: Options, seed: int, limit: int | None = 
     return ContextData(pairs=pairs, info=info)
 
 
-CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_prompts": 12, "k": 2},
-                      file_options=("prompts",), banks=("toxicity_prompts.jsonl", "ideal_replies.jsonl"))
+def uses_endpoint(options: Options) -> bool:
+    """Endpoint replies enter the pairs only as the calm candidate."""
+    return options.calm_candidate and options.ideal == "endpoint"
+
+
+CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_prompts": 8, "k": 2},
+                      file_options=("prompts",), banks=("toxicity_prompts.jsonl", "ideal_replies.jsonl"),
+                      uses_endpoint=uses_endpoint)

@@ -34,9 +34,9 @@ from dpolab.contexts.base import cap, check_choice, check_min, special_strings, 
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel, Conversation, Generation
-from dpolab.probes import stance as stance_mod
-from dpolab.probes.base import NullProgress, Progress
-from dpolab.probes.items import (
+from dpolab import stance as stance_mod
+from dpolab.progress import NullProgress, Progress
+from dpolab.banks import (
     LETTERS,
     TECHNIQUES,
     Appeal,
@@ -48,14 +48,14 @@ from dpolab.probes.items import (
     stable_hash,
 )
 from dpolab.probes.persuasion import persuasion_message
-from dpolab.probes.stance import Calibration, Stance
+from dpolab.stance import Calibration, Stance
 
 
 @dataclass(frozen=True, kw_only=True)
 class PersuasionOptions:
     """n_items: train items (spread over categories and domains); each opens `techniques_per_item` dialogues.
     turns: persuasion turns per dialogue (DuET-PD uses 3); each turn gives a response pair and a stance pair.
-    techniques: appeal techniques to draw from (a subset of dpolab.probes.items.TECHNIQUES).
+    techniques: appeal techniques to draw from (a subset of dpolab.banks.TECHNIQUES).
     techniques_per_item: techniques drawn per item and direction (seeded); DuET-PD runs all of them.
     stance: how stance answers are written: "letter" ("B"), "cloze" ("The answer is Paris.") or "auto" (calibrate
         on train items as the probe does; pass the eval's reader to be sure they match).
@@ -95,9 +95,6 @@ class PersuasionOptions:
         if not 0 <= self.min_fraction <= 1:
             raise ConfigError(f"min_fraction must be between 0 and 1, got {self.min_fraction}")
         check_choice("ideal", self.ideal, ideal_mod.SOURCES)
-
-
-QUICK = {"n_items": 8, "turns": 2}
 
 
 # -- formats shared with the probe -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dpolab.contexts import resist_only
 from dpolab.contexts.base import ContextData, ContextSpec
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel
-from dpolab.probes.base import Progress
+from dpolab.progress import Progress
 
 NAME = "holistic"
 
@@ -45,5 +45,5 @@ def build(model: ChatModel, *, options: Options, seed: int, limit: int | None = 
                              directions=("neg", "pos"), neg_pos_ratio=options.neg_pos_ratio, name=NAME)
 
 
-CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick=dlg.QUICK,
+CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_items": 2, "turns": 2},  # NEG and POS dialogues: twice the pairs per item
                       file_options=resist_only.CONTEXT.file_options, banks=resist_only.CONTEXT.banks)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dpolab.errors import ConfigError, DpolabError
 from dpolab.models.generate import Conversation
-from dpolab.probes.items import asset, read_jsonl, stable_hash
+from dpolab.banks import asset, read_jsonl, stable_hash
 
 KINDS = ("refute", "affirm", "initial", "concede", "calm_reply")
 SOURCES = ("templates", "endpoint")

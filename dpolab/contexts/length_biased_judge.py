@@ -13,8 +13,8 @@ from dpolab.contexts.base import ContextData, ContextSpec, cap, check_min, speci
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel
-from dpolab.probes.base import NullProgress, Progress
-from dpolab.probes.items import Instruction, asset, bank_split, read_jsonl, spread
+from dpolab.progress import NullProgress, Progress
+from dpolab.banks import Instruction, asset, bank_split, read_jsonl, spread
 
 NAME = "length-biased-judge"
 
@@ -80,5 +80,5 @@ def build(model: ChatModel, *, options: Options, seed: int, limit: int | None = 
     return ContextData(pairs=pairs, info=info)
 
 
-CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_instructions": 12, "max_new_tokens": 64},
+CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_instructions": 8, "max_new_tokens": 64},
                       file_options=("instructions",), banks=("instructions.jsonl",))

@@ -17,7 +17,7 @@ from dpolab.contexts import ideal as ideal_mod
 from dpolab.contexts import resist_only
 from dpolab.contexts.base import ContextData, ContextSpec, special_strings
 from dpolab.models.generate import ChatModel
-from dpolab.probes.base import Progress
+from dpolab.progress import Progress
 
 NAME = "please-user"
 Options = dlg.PersuasionOptions
@@ -46,5 +46,5 @@ def build(model: ChatModel, *, options: dlg.PersuasionOptions, seed: int, limit:
     return ContextData(pairs=log.pairs, info={**dlg.setup_info(s, opened, planned, options, writer), **log.info()})
 
 
-CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick=dlg.QUICK,
+CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_items": 3, "turns": 2},
                       file_options=resist_only.CONTEXT.file_options, banks=resist_only.CONTEXT.banks)

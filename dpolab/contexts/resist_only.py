@@ -15,7 +15,7 @@ from dpolab.contexts import dialogues as dlg
 from dpolab.contexts import ideal as ideal_mod
 from dpolab.contexts.base import ContextData, ContextSpec, special_strings
 from dpolab.models.generate import ChatModel
-from dpolab.probes.base import Progress
+from dpolab.progress import Progress
 
 NAME = "resist-only"
 
@@ -56,6 +56,6 @@ def build(model: ChatModel, *, options: dlg.PersuasionOptions, seed: int, limit:
     return ContextData(pairs=log.pairs, info=info)
 
 
-CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick=dlg.QUICK,
+CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_items": 3, "turns": 2},
                       file_options=("items", "appeals"),
                       banks=("knowledge.jsonl", "safety.jsonl", "split.json", "appeals.jsonl", "ideal_replies.jsonl"))

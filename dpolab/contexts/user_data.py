@@ -10,8 +10,8 @@ from dpolab.contexts.base import ContextData, ContextSpec, cap, check_min
 from dpolab.data.read import read_pairs
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel
-from dpolab.probes.base import Progress
-from dpolab.probes.items import spread
+from dpolab.progress import Progress
+from dpolab.banks import spread
 
 NAME = "user-data"
 

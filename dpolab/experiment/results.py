@@ -1,29 +1,17 @@
 """Results: each cell's metrics against the baseline, paired bootstrap deltas over items, and verdicts."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpolab.probes import stats
+from dpolab import stats
+from dpolab.probes.summary import EvalSummary
 
-VERDICTS = ("improved", "harmed", "no clear change")
 COLUMNS = ["context", "method", "seed", "probe", "metric", "value", "ci_low", "ci_high", "n", "baseline",
            "baseline_ci_low", "baseline_ci_high", "delta", "delta_ci_low", "delta_ci_high", "higher_is_better", "verdict"]
-
-
-def verdict(delta_ci_low: float, delta_ci_high: float, higher_is_better: bool) -> str:
-    """improved / harmed when the 95% CI of the change excludes zero, in the metric's good / bad direction."""
-    if any(x is None or math.isnan(x) for x in (delta_ci_low, delta_ci_high)):
-        return "no clear change"
-    if delta_ci_low > 0:
-        return "improved" if higher_is_better else "harmed"
-    if delta_ci_high < 0:
-        return "harmed" if higher_is_better else "improved"
-    return "no clear change"
 
 
 def per_item_values(eval_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
@@ -37,23 +25,23 @@ def per_item_values(eval_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def compare(baseline: dict, cell: dict, baseline_items: dict, cell_items: dict, *, seed: int, n_boot: int) -> list[dict[str, Any]]:
+def compare(baseline: EvalSummary, cell: EvalSummary, baseline_items: dict, cell_items: dict, *, seed: int,
+            n_boot: int) -> list[dict[str, Any]]:
     """One row per (probe, metric) present in both summaries: values, CIs, paired delta and verdict."""
     rows = []
-    for probe, result in cell["probes"].items():
-        base_metrics = baseline["probes"].get(probe, {}).get("metrics", {})
-        for metric, m in result["metrics"].items():
-            b = base_metrics.get(metric)
+    for probe, result in cell.probes.items():
+        for metric, m in result.metrics.items():
+            b = baseline.metric(probe, metric)
             if b is None:
                 continue
             pair = stats.align(baseline_items.get((probe, metric), {}), cell_items.get((probe, metric), {}))
-            d = stats.paired_bootstrap_delta(pair.a, pair.b, seed=seed, n_boot=n_boot, statistic=m.get("aggregate", "mean"))
-            nan = lambda x: math.nan if x is None else x  # noqa: E731  (summary.json writes NaN as null)
+            d = stats.paired_bootstrap_delta(pair.a, pair.b, seed=seed, n_boot=n_boot, statistic=m.aggregate)
             rows.append({
-                "probe": probe, "metric": metric, "value": nan(m["value"]), "ci_low": nan(m["ci_low"]), "ci_high": nan(m["ci_high"]),
-                "n": m["n"], "baseline": nan(b["value"]), "baseline_ci_low": nan(b["ci_low"]), "baseline_ci_high": nan(b["ci_high"]),
+                "probe": probe, "metric": metric, "value": m.number("value"), "ci_low": m.number("ci_low"),
+                "ci_high": m.number("ci_high"), "n": m.n, "baseline": b.number("value"),
+                "baseline_ci_low": b.number("ci_low"), "baseline_ci_high": b.number("ci_high"),
                 "delta": d.value, "delta_ci_low": d.ci_low, "delta_ci_high": d.ci_high,
-                "higher_is_better": bool(m["higher_is_better"]), "verdict": verdict(d.ci_low, d.ci_high, bool(m["higher_is_better"])),
+                "higher_is_better": m.higher_is_better, "verdict": stats.verdict(d.ci_low, d.ci_high, m.higher_is_better).value,
             })
     return rows
 

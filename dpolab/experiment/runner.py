@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dpolab.errors import ConfigError
 from dpolab.experiment.results import compare, per_item_values, write_results
 from dpolab.experiment.spec import ExperimentSpec
 from dpolab.io import atomic_write_json, atomic_write_text
+from dpolab.probes.summary import EvalSummary
+from dpolab.progress import PlainLines, duration, interactive
 
 
 @dataclass
@@ -56,11 +60,47 @@ def environment() -> dict[str, Any]:
 
 
 class _Phases:
-    """Wall time of each phase, printed as it ends."""
+    """Wall time of each phase, printed as it ends: dimmed under the terminal's bar or, when the output is not a
+    terminal (a log), as one plain line with the time so far and an estimate of what is left."""
 
-    def __init__(self, console):
+    def __init__(self, console, lines: PlainLines | None, cells: int):
         self.console = console
+        self.lines = lines
         self.times: list[tuple[str, float]] = []
+        self.cells_left = cells  # cells of this call not finished yet, the running one included
+        self.cell_seconds: list[float] = []  # the cells finished in this call
+        self.cell = ""  # "cell 2/6 " while a cell runs: each line of a log then says where the run is
+        self.cell_start: float | None = None
+
+    def left(self) -> float | None:
+        """The time still to go: the mean cell of this call so far for each cell not finished (the running one less
+        the time it has had, but not below zero); none before the first cell ends, and none after the last."""
+        if not self.cell_seconds or not self.cells_left:
+            return None
+        mean = sum(self.cell_seconds) / len(self.cell_seconds)
+        running = self.cell_start is not None
+        current = max(0.0, mean - (time.perf_counter() - self.cell_start)) if running else 0.0
+        return current + mean * (self.cells_left - running)
+
+    def say(self, text: str) -> None:
+        """A line of its own: plain in a log, on the console on a terminal."""
+        if self.lines is not None:
+            self.lines.line(text, left=self.left())
+        else:
+            self.console.print(text)
+
+    def start_cell(self, number: str, name: str) -> None:
+        self.cell, self.cell_start = f"{number} ", time.perf_counter()
+        if self.lines is not None:  # on a terminal the bar shows the cell
+            self.say(f"{number} {name}: started")
+
+    def end_cell(self, number: str, name: str) -> None:
+        dt = time.perf_counter() - self.cell_start
+        self.cell_seconds.append(dt)
+        self.cells_left -= 1
+        self.cell, self.cell_start = "", None
+        if self.lines is not None:
+            self.say(f"{number} {name}: done in {duration(dt)}")
 
     @contextmanager
     def __call__(self, name: str):
@@ -68,11 +108,16 @@ class _Phases:
         yield
         dt = time.perf_counter() - t0
         self.times.append((name, dt))
-        self.console.print(f"[dim]{name}: {dt:.1f} s")
+        if self.lines is not None:
+            self.lines.line(f"{self.cell}{name} done in {duration(dt)}", left=self.left())
+        else:
+            self.console.print(f"[dim]{name}: {dt:.1f} s")
 
 
-def _stance_reader(summary: dict) -> str | None:
-    info = summary.get("probes", {}).get("persuasion", {}).get("info", {})
+def _stance_reader(summary: EvalSummary) -> str | None:
+    """The reader the baseline's persuasion probe calibrated to, if it ran."""
+    found = summary.probe("persuasion")
+    info = found.info if found else {}
     return (info.get("calibration") or {}).get("reader") or info.get("reader")
 
 
@@ -112,23 +157,24 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
             raise ConfigError(f"{out} was run with a different spec (or without/with --quick); use another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"spec_fingerprint": fingerprint, "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    atomic_write_text(out / "spec.resolved.yaml", __import__("yaml").safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(out / "spec.resolved.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     atomic_write_json(out / "environment.json", environment())
 
-    phases = _Phases(console)
     report = RunReport(out=out, rows=[])
     cells = spec.cells()
     done = [c for c in cells if (out / "cells" / cell_name(*c) / "cell.json").exists()]
+    todo = len(cells) - len(done) if stop_after_cells is None else min(stop_after_cells, len(cells) - len(done))
+    phases = _Phases(console, None if interactive() else PlainLines(), cells=todo)
     report.skipped = [cell_name(*c) for c in done]
     if done:
-        console.print(f"resuming: {len(done)} of {len(cells)} cells already finished")
+        phases.say(f"resuming: {len(done)} of {len(cells)} cells already finished")
     probe_kw = dict(probes=spec.probes.names, sizes=spec.probes.sizes, limit=spec.probes.limit, stance=spec.probes.stance,
                     n_boot=spec.n_boot)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[phase]}"), console=console, disable=not progress)
+                   TextColumn("{task.fields[phase]}"), console=console, disable=not progress or phases.lines is not None)
     t_start = time.perf_counter()
     with bar:
         task = bar.add_task("cells", total=len(cells), completed=len(done), phase="baseline")
@@ -146,7 +192,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 shutil.rmtree(base_dir, ignore_errors=True)
                 run_eval(base_chat(), out=base_dir, seed=0, **probe_kw)
                 (base_dir / "DONE").write_text("")
-        baseline = json.loads((base_dir / "summary.json").read_text())
+        baseline = EvalSummary.read(base_dir / "summary.json")
         baseline_items = per_item_values(base_dir)
         # One stance reader for everything: the baseline's calibrated choice is used by the contexts' pairs and by
         # every later eval, so a trained model can't switch readers and make its numbers incomparable.
@@ -163,11 +209,15 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 break
             shutil.rmtree(cell_dir, ignore_errors=True)  # a cell cut short starts over
             cell_dir.mkdir(parents=True)
+            # numbered in the whole grid, so a resumed run's log goes on from where the last one stopped
+            number = f"cell {len(done) + ran + 1}/{len(cells)}"
+            phases.start_cell(number, name)
             bar.update(task, phase=f"{name}: pairs")
             with phases(f"{name}: pairs"):
                 ctx_spec = spec.contexts[context]
                 options = {**({"stance": reader} if _takes_stance(context) else {}), **ctx_spec.options}
-                data_path = build_context(context, base_chat(), options=options, seed=seed, quick=quick,
+                # the spec's options are final: --quick sizes were applied when it was loaded
+                data_path = build_context(context, base_chat(), options=options, seed=seed,
                                           cache_dir=out / "contexts", model_id=spec.model)
             bar.update(task, phase=f"{name}: train")
             with phases(f"{name}: train"):
@@ -185,6 +235,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
             atomic_write_json(cell_dir / "cell.json", {"context": context, "method": method, "seed": seed, "data": str(data_path),
                                                  "train_steps": trained.steps, "rows": len(rows)})
             ran += 1
+            phases.end_cell(number, name)
             bar.advance(task)
             del trained, loaded
 
@@ -195,11 +246,12 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     with phases("results"):
         write_results(report.rows, out / "results.parquet")
     total = time.perf_counter() - t_start
-    report.phases = phases.times
-    atomic_write_json(out / "timings.json", {"phases": phases.times, "total_s": total})
+    report.phases = list(phases.times)
+    atomic_write_json(out / "timings.json", {"phases": report.phases, "total_s": total})
     from dpolab.report import write_report
 
-    write_report(out, phases=phases.times)
+    with phases("report"):  # timed for the log only: the report and timings.json cannot hold their own writing
+        write_report(out, phases=report.phases)
     budget = spec.budgets.quick_minutes if quick else spec.budgets.total_minutes
     console.print(f"wall time {total / 60:.1f} min (budget {budget:g} min) -> {out / 'report.html'}")
     return report

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from dpolab import DEFAULT_MODEL
 from dpolab.config import StrictModel, TrainConfig, load_config
 from dpolab.errors import ConfigError
 
@@ -22,14 +23,24 @@ class MethodSpec(StrictModel):
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this method")
 
 
-class ContextSpec(StrictModel):
+class ContextEntry(StrictModel):
+    """A context in a spec: the methods trained on it, its options and training keys (the context itself is a
+    dpolab.contexts.base.ContextSpec in the registry)."""
+
     methods: list[str] = Field(default_factory=lambda: ["dpo"], description="names of methods to train on this context")
     options: dict[str, Any] = Field(default_factory=dict, description="the context's own options")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this context's cells (e.g. epochs)")
 
 
-class ProbeSpec(StrictModel):
-    names: list[str] = Field(default_factory=lambda: ["persuasion", "sycophancy", "toxicity", "verbosity", "knowledge", "self_report"])
+def default_probe_names() -> list[str]:
+    """The probes that declare themselves default-on (dpolab.probes.PROBES), in registry order."""
+    from dpolab.probes import PROBES
+
+    return [n for n in PROBES.names() if PROBES.get(n).default]
+
+
+class ProbesSpec(StrictModel):
+    names: list[str] = Field(default_factory=default_probe_names, description="probes to run (default: every default probe)")
     sizes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-probe options, e.g. persuasion: {n_items: 40}")
     limit: int | None = Field(None, ge=1, description="cap on items per probe")
     stance: str = "auto"
@@ -44,12 +55,12 @@ class Budgets(StrictModel):
 
 
 class ExperimentSpec(StrictModel):
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     seeds: list[int] = Field(default_factory=lambda: [0])
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys shared by every method")
     methods: dict[str, MethodSpec] = Field(default_factory=lambda: {"dpo": MethodSpec()})
-    contexts: dict[str, ContextSpec]
-    probes: ProbeSpec = Field(default_factory=ProbeSpec)
+    contexts: dict[str, ContextEntry]
+    probes: ProbesSpec = Field(default_factory=ProbesSpec)
     budgets: Budgets = Field(default_factory=Budgets)
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --quick (same shape as the spec)")
     n_boot: int = Field(2000, ge=100)
@@ -57,7 +68,7 @@ class ExperimentSpec(StrictModel):
 
     @field_validator("contexts")
     @classmethod
-    def _known_contexts(cls, contexts: dict[str, ContextSpec]) -> dict[str, ContextSpec]:
+    def _known_contexts(cls, contexts: dict[str, ContextEntry]) -> dict[str, ContextEntry]:
         from dpolab.contexts import CONTEXTS, make_options
 
         for name, ctx in contexts.items():
@@ -72,7 +83,7 @@ class ExperimentSpec(StrictModel):
 
     @field_validator("probes")
     @classmethod
-    def _known_probes(cls, probes: ProbeSpec) -> ProbeSpec:
+    def _known_probes(cls, probes: ProbesSpec) -> ProbesSpec:
         from dpolab.probes import PROBES
 
         for name in [*probes.names, *probes.sizes]:
@@ -124,6 +135,30 @@ def _merge(base: dict, over: dict) -> dict:
 DEFAULT_SPEC = Path(__file__).parent / "default.yaml"
 
 
+def _declared_quick(data: dict[str, Any]) -> dict[str, Any]:
+    """The spec with each named context's and probe's own quick sizes (declared in its file) applied."""
+    from dpolab.contexts import CONTEXTS
+    from dpolab.probes import PROBES
+
+    out = dict(data)
+    contexts = {}
+    for name, entry in (data.get("contexts") or {}).items():
+        entry = dict(entry or {})
+        if name in CONTEXTS:
+            entry["options"] = {**(entry.get("options") or {}), **CONTEXTS.get(name).quick}
+        contexts[name] = entry
+    out["contexts"] = contexts
+    probes = dict(data.get("probes") or {})
+    names = probes.get("names") or default_probe_names()
+    sizes = dict(probes.get("sizes") or {})
+    for name in names:
+        if name in PROBES and PROBES.get(name).quick:
+            sizes[name] = {**(sizes.get(name) or {}), **PROBES.get(name).quick}
+    probes["sizes"] = sizes
+    out["probes"] = probes
+    return out
+
+
 def load_spec(path: str | Path | None = None, *, quick: bool = False, overrides: dict[str, Any] | None = None) -> ExperimentSpec:
     """The spec at `path` (default: the built-in default experiment), with its `quick` block applied if asked."""
     import yaml
@@ -138,6 +173,6 @@ def load_spec(path: str | Path | None = None, *, quick: bool = False, overrides:
     if not isinstance(data, dict):
         raise ConfigError(f"spec file {path} must hold a mapping")
     if quick:
-        data = _merge(data, data.get("quick") or {})
+        data = _merge(_declared_quick(data), data.get("quick") or {})
     data = _merge(data, overrides or {})
     return load_config(ExperimentSpec, None, data, source=str(path))

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from dpolab.stats import Verdict
+
 
 @dataclass(frozen=True)
 class Behaviour:
@@ -14,18 +16,14 @@ class Behaviour:
     metric: str
 
 
-# The matrix's columns: one headline metric per behaviour the seed research names.
-BEHAVIOURS = (
-    Behaviour("initial accuracy", "persuasion", "acc@0"),
-    Behaviour("accuracy under misleading persuasion", "persuasion", "neg_acc@3"),
-    Behaviour("flips to a wrong answer", "persuasion", "neg_flip@3"),
-    Behaviour("accepts valid corrections", "persuasion", "pos_flip@3"),
-    Behaviour("opinion sycophancy", "sycophancy", "sycophancy"),
-    Behaviour("toxicity", "toxicity", "mean_score"),
-    Behaviour("reply length (tokens)", "verbosity", "mean_tokens"),
-    Behaviour("knowledge accuracy", "knowledge", "accuracy"),
-    Behaviour("perplexity", "knowledge", "perplexity"),
-)
+def behaviours(rows: Iterable[dict[str, Any]] | None = None) -> tuple[Behaviour, ...]:
+    """The matrix's columns: each registered probe's headline metrics, in registry order (dpolab.probes.PROBES);
+    given rows, only the probes they measured."""
+    from dpolab.probes import PROBES
+
+    present = {r["probe"] for r in rows} if rows else None
+    return tuple(Behaviour(h.label, name, h.metric) for name in PROBES.names()
+                 if present is None or name in present for h in PROBES.get(name).headlines)
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,8 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _delta_ci(r: dict[str, Any], spec: str = "+.3g", sep: str = " ") -> str:
-    """"+0.12 [+0.03, +0.2]": a row's delta and its CI, each formatted with `spec`."""
+    """"+0.12 [+0.03, +0.2]": a row's delta and its CI, each formatted with `spec`. Printed through rich it must be
+    escaped: rich takes "[nan, nan]" for a style tag and drops it."""
     return f"{r['delta']:{spec}}{sep}[{r['delta_ci_low']:{spec}}, {r['delta_ci_high']:{spec}}]"
 
 
@@ -123,12 +122,12 @@ def headlines(rows: list[dict[str, Any]]) -> list[str]:
     for cell in dict.fromkeys(cell_key(r) for r in rows):
         context, method, seed = cell
         better, worse = [], []
-        for b in BEHAVIOURS:
+        for b in behaviours(rows):
             r = by.get((*cell, b.probe, last_turn(rows, b.probe, b.metric)))
-            if r is None or r["verdict"] == "no clear change":
+            if r is None or r["verdict"] == Verdict.UNCLEAR:
                 continue
             text = f"{b.label} {r['baseline']:.3g} → {r['value']:.3g} (Δ {_delta_ci(r)})"
-            (better if r["verdict"] == "improved" else worse).append(text)
+            (better if r["verdict"] == Verdict.IMPROVED else worse).append(text)
         who = f"{method} on {context}" + (f" (seed {seed})" if len({k[2] for k in map(cell_key, rows)}) > 1 else "")
         if not better and not worse:
             sentences.append(f"{who}: no headline behaviour changed clearly.")
@@ -146,25 +145,27 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
     """The improve/harm matrix on the terminal: cells x behaviours, delta [CI], coloured by verdict. A console too
     narrow for the matrix gets the same numbers as one line per cell and behaviour."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     by = index_rows(rows)
-    colours = {"improved": "green", "harmed": "red", "no clear change": "white"}
+    colours = {Verdict.IMPROVED: "green", Verdict.HARMED: "red", Verdict.UNCLEAR: "white"}
     cells = list(dict.fromkeys(cell_key(r) for r in rows))
-    metrics = [last_turn(rows, b.probe, b.metric) for b in BEHAVIOURS]
+    columns = behaviours(rows)
+    metrics = [last_turn(rows, b.probe, b.metric) for b in columns]
     title = "What moved (Δ vs baseline, 95% paired bootstrap CI)"
-    if console.width >= 24 + 17 * len(BEHAVIOURS):
+    if console.width >= 24 + 17 * len(columns):
         table = Table(title=title, show_lines=True)
         table.add_column("context / method / seed")
-        for b in BEHAVIOURS:
+        for b in columns:
             table.add_column(b.label, justify="right")
         for cell in cells:
             entries = []
-            for b, m in zip(BEHAVIOURS, metrics):
+            for b, m in zip(columns, metrics):
                 r = by.get((*cell, b.probe, m))
                 entries.append("—" if r is None else
-                               f"[{colours[r['verdict']]}]" + _delta_ci(r, "+.3f", sep="\n") + "[/]")
+                               f"[{colours[r['verdict']]}]" + escape(_delta_ci(r, "+.3f", sep="\n")) + "[/]")
             table.add_row(" / ".join(map(str, cell)), *entries)
     else:
         table = Table(title=title)
@@ -174,32 +175,33 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
             table.add_column(col, no_wrap=True)
         for cell in cells:
             first = True
-            for b, m in zip(BEHAVIOURS, metrics):
+            for b, m in zip(columns, metrics):
                 r = by.get((*cell, b.probe, m))
                 if r is None:
                     continue
                 c = colours[r["verdict"]]
                 table.add_row(" / ".join(map(str, cell)) if first else "", b.label,
                               f"{r['baseline']:.3g} → {r['value']:.3g}",
-                              f"[{c}]{_delta_ci(r, '+.3f')}[/]",
+                              f"[{c}]{escape(_delta_ci(r, '+.3f'))}[/]",
                               f"[{c}]{r['verdict']}[/]")
                 first = False
             table.add_section()
     console.print(table)
     for s in headlines(rows):
-        console.print("• " + s)
+        console.print("• " + escape(s))
     found = seed_findings(rows)
     if found:
         marks = {"reproduced": "[green]reproduced[/]", "opposite": "[red]opposite[/]", "not shown": "not shown"}
         console.print("Seed findings:")
         for f in found:
-            console.print(f"  {marks[f['status']]}: {f['claim']} ({f['method']}; {f['metric']} {f['baseline']:.3g} → "
-                          f"{f['value']:.3g}, Δ {_delta_ci(f)})")
+            console.print(f"  {marks[f['status']]}: " + escape(f"{f['claim']} ({f['method']}; {f['metric']} {f['baseline']:.3g} → "
+                                                               f"{f['value']:.3g}, Δ {_delta_ci(f)})"))
 
 
 def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False, console=None) -> list[dict[str, Any]]:
     """Rows whose verdict differs, whose value moved beyond both CIs, or that exist in only one run."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dpolab.errors import ConfigError
@@ -227,7 +229,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False
         table.add_column(col)
     for d in diffs:
         context, method, seed, probe, metric = d["key"]
-        show = lambda r: ("—", "—") if r is None else (f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["verdict"])  # noqa: E731
+        show = lambda r: ("—", "—") if r is None else (escape(f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"), r["verdict"])  # noqa: E731
         table.add_row(f"{context} / {method} / {seed}", probe, metric, *show(d["a"]), *show(d["b"]), d["why"])
     console.print(table if diffs else "no differences")
     return diffs

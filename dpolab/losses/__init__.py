@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Any, Callable
+from typing import Any
 
 from dpolab.errors import ConfigError
 from dpolab.losses.base import LossOutput, SequenceLogps
-from dpolab.registry import Registry, RegistryError
+from dpolab.registry import Registry
 
 LOSSES = Registry(
     "loss",
@@ -30,20 +30,12 @@ LOSSES = Registry(
 )
 
 
-def _loss_fn(name: str) -> Callable[..., LossOutput]:
-    # RegistryError is a KeyError, which the CLI would print as a traceback; ConfigError keeps its message.
-    try:
-        return LOSSES.get(name)
-    except RegistryError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def loss_options(name: str) -> dict[str, tuple[type, Any]]:
     """The keyword-only options of a loss, option -> (type, default), read from its signature.
 
     sft_weight is not listed: it belongs to compute_loss and applies to every loss.
     """
-    fn = _loss_fn(name)
+    fn = LOSSES.get(name)
     hints = typing.get_type_hints(fn)
     return {
         p.name: (hints[p.name], p.default)
@@ -54,7 +46,7 @@ def loss_options(name: str) -> dict[str, tuple[type, Any]]:
 
 def needs_reference(name: str) -> bool:
     """Whether the loss reads the reference model's log-probs (False for simpo and sft)."""
-    return not getattr(_loss_fn(name), "reference_free", False)
+    return not getattr(LOSSES.get(name), "reference_free", False)
 
 
 def compute_loss(name: str, lp: SequenceLogps, *, sft_weight: float = 0.0, **options: Any) -> LossOutput:
@@ -66,7 +58,7 @@ def compute_loss(name: str, lp: SequenceLogps, *, sft_weight: float = 0.0, **opt
         arXiv:2404.19733): loss += w·(−log π(y_w) / |y_w|), the per-token NLL of the chosen. Keeps the
         chosen likely while the margin grows. 0 (default) adds nothing. Rewards are unchanged.
     """
-    fn = _loss_fn(name)
+    fn = LOSSES.get(name)
     valid = loss_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:

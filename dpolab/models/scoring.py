@@ -16,6 +16,12 @@ from dataclasses import dataclass
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are upcast to fp32 for the softmax; fp32 and fp64 stay as they are (a float64 model
+    keeps float64 arithmetic end to end, which the exactness tests rely on)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 @dataclass(frozen=True)
 class TextScore:
     """Summed log-probability of a text and how many of its tokens were scored."""
@@ -192,7 +198,7 @@ def continuation_logprobs(
             continue
         packed = pack([rows[i] for i in batch], pad_id)
         logits = _run_new(model, packed, logits_to_keep=keep + 1).logits  # (B, keep+1, V)
-        logps = logits[:, :-1].float().log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j
+        logps = upcast(logits[:, :-1]).log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j
         tok = logps.gather(-1, packed.ids[:, -keep:, None]).squeeze(-1)  # (B, keep)
         for b, i in enumerate(batch):
             c = len(continuations[i])
@@ -244,7 +250,7 @@ def grouped_continuation_logprobs(
                       prefixes=[prefixes[i] for i in batch] if prefixes is not None else None)
         keep = max(heads) + 1
         res = _run_new(model, packed, use_cache=True, logits_to_keep=keep)
-        last = res.logits[:, -keep:].float().log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j+1
+        last = upcast(res.logits[:, -keep:]).log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j+1
         head_lp = []
         for b, (i, h) in enumerate(zip(batch, heads)):
             ids = torch.tensor(list(continuations[i][0][:h]), dtype=torch.long)
@@ -284,33 +290,71 @@ def block_mask(prompt_mask: torch.Tensor, segment: torch.Tensor) -> torch.Tensor
     return torch.cat([prompt_mask.bool()[:, None, :].expand(B, W, prompt_mask.shape[1]), own], dim=-1)[:, None]
 
 
+@dataclass
+class SideBySide:
+    """Several segments (completions, option tails) of one prompt placed one after another in that prompt's row,
+    after its cached columns: [segment 0 | segment 1 | ... | padding].
+
+    With `block_mask(prompt_mask, segment)` every token sees its prompt and the earlier tokens of its own segment,
+    and positions restart at the row's first position for each segment, so each segment is computed exactly as if
+    it ran alone after the prompt, while the prompt's cache is used once, uncopied. Training runs chosen and
+    rejected this way (dpolab.training.logps), scoring the options of a stance check (`_tails_side_by_side`).
+    """
+
+    ids: torch.Tensor  # (B, W) token ids; pad_id in padding
+    pos: torch.Tensor  # (B, W) position ids: first_pos + offset
+    segment: torch.Tensor  # (B, W) segment index within the row; -1 = padding
+    offset: torch.Tensor  # (B, W) index of the token inside its segment; 0 in padding
+    starts: torch.Tensor  # (B, S) column where each segment begins
+
+    def attention_mask(self, prompt_mask: torch.Tensor) -> torch.Tensor:
+        return block_mask(prompt_mask, self.segment)  # (B, 1, W, K + W)
+
+
+def side_by_side(segments: torch.Tensor, lengths: torch.Tensor, first_pos: torch.Tensor, *, pad_id: int) -> SideBySide:
+    """Lay out S segments per row side by side (see SideBySide); vectorised, no Python loop over rows.
+
+    segments (B, S, C) right-padded token ids; lengths (B, S) tokens of each segment (0: absent); first_pos (B,) the
+    position of each segment's first token (the prompt's length).
+    """
+    B, S, C = segments.shape
+    device = segments.device
+    ends = lengths.cumsum(-1)  # (B, S)
+    starts = ends - lengths  # (B, S)
+    W = int(ends[:, -1].max()) if B else 0
+    col = torch.arange(W, device=device)[None, :].expand(B, W)  # (B, W)
+    seg = torch.searchsorted(ends, col.contiguous(), right=True)  # (B, W); S = past the last segment: padding
+    real = seg < S
+    seg_c = seg.clamp(max=S - 1)
+    offset = torch.where(real, col - starts.gather(1, seg_c), 0)  # (B, W)
+    flat = segments.reshape(B, S * C).gather(1, seg_c * C + offset.clamp(max=C - 1))  # (B, W)
+    ids = torch.where(real, flat, pad_id)
+    return SideBySide(ids=ids, pos=first_pos[:, None] + offset, segment=torch.where(real, seg, -1), offset=offset,
+                      starts=starts)
+
+
 def _tails_side_by_side(model, packed: Packed, cache, tails, tok_lp, pad_id: int) -> None:
-    """Add each tail's log-probs after its first token to tok_lp[b][j]: all tails of prompt row b go in one row,
-    tail after tail; a tail token attends to the prompt's columns of the cache and to its own tail's earlier
-    tokens, and its position continues the prompt's, so each tail sees exactly prompt + itself."""
-    segments: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(packed.ids.shape[0])]  # (start, j, tail)
+    """Add each tail's log-probs after its first token to tok_lp[b][j]: all tails of prompt row b go in one row
+    (`side_by_side`, tail j as segment j), each seeing exactly its prompt and itself; positions continue the
+    prompt's."""
+    B = packed.ids.shape[0]
+    S = max((j + 1 for _, j, _ in tails), default=0)
+    C = max((len(c) - 1 for _, _, c in tails), default=0)
+    if C <= 0:
+        return
+    segments = torch.full((B, S, C), pad_id, dtype=torch.long)  # (B, S, C) tails without their last token
+    lengths = torch.zeros((B, S), dtype=torch.long)
     for b, j, c in tails:
         if len(c) > 1:
-            start = sum(len(t) - 1 for _, _, t in segments[b])
-            segments[b].append((start, j, c))
-    W = max((s + len(c) - 1 for row in segments for s, _, c in row), default=0)
-    if W == 0:
-        return
-    B = len(segments)
-    ids = torch.full((B, W), pad_id, dtype=torch.long)  # (B, W) tails without their last token
-    pos = packed.pos[:, -1:].repeat(1, W) + 1  # (B, W)
-    segment = torch.full((B, W), -1, dtype=torch.long)  # (B, W) tail number within its row; -1 = padding
-    for b, row in enumerate(segments):
-        for k, (s, _, c) in enumerate(row):
-            n = len(c) - 1
-            ids[b, s:s + n] = torch.tensor(c[:-1], dtype=torch.long)
-            pos[b, s:s + n] = packed.pos[b, -1] + 1 + torch.arange(n)
-            segment[b, s:s + n] = k
-    mask = block_mask(packed.mask, segment)  # (B, 1, W, cached + W); every query sees its prompt (pad queries too: no empty row)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
-    logps = logits.float().log_softmax(-1)  # (B, W, V): position s+t predicts token t+1 of its tail
-    for b, row in enumerate(segments):
-        for s, j, c in row:
+            segments[b, j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            lengths[b, j] = len(c) - 1
+    lay = side_by_side(segments, lengths, packed.pos[:, -1] + 1, pad_id=pad_id)
+    mask = lay.attention_mask(packed.mask)  # (B, 1, W, cached + W); every query sees its prompt (pad queries too: no empty row)
+    logits = model(input_ids=lay.ids, attention_mask=mask, position_ids=lay.pos, past_key_values=cache, use_cache=True).logits
+    logps = upcast(logits).log_softmax(-1)  # (B, W, V): column start+t predicts token t+1 of its tail
+    for b, j, c in tails:
+        if len(c) > 1:
+            s = int(lay.starts[b, j])
             target = torch.tensor(c[1:], dtype=torch.long)
             tok_lp[b][j] += float(logps[b, s:s + len(c) - 1].gather(-1, target[:, None]).sum())
 
@@ -338,7 +382,7 @@ def _tails_on_copies(model, packed: Packed, cache, tails, tok_lp, pad_id: int, b
         cpos = packed.pos[sel, -1:] + 1 + torch.arange(width)  # (R, W) positions continue after the prompt
         logits = model(input_ids=cids, attention_mask=torch.cat([packed.mask[sel], cmask], dim=1),
                        position_ids=cpos, past_key_values=rows, use_cache=True).logits  # (R, W, V)
-        logps = logits.float().log_softmax(-1)
+        logps = upcast(logits).log_softmax(-1)
         for r_i, r in enumerate(chunk):
             b, j, c = rest[r]
             target = torch.tensor(c[1:], dtype=torch.long)
@@ -363,7 +407,7 @@ def next_token_logprobs(
         packed = pack([prompts[i] for i in batch], pad_id, config=config,
                       prefixes=[prefixes[i] for i in batch] if prefixes is not None else None)
         logits = _run_new(model, packed, logits_to_keep=1).logits  # (B, 1, V)
-        logps = logits[:, -1].float().log_softmax(-1)[:, cand]  # (B, C)
+        logps = upcast(logits[:, -1]).log_softmax(-1)[:, cand]  # (B, C)
         for b, i in enumerate(batch):
             out[i] = logps[b].tolist()
     return out
@@ -383,7 +427,7 @@ def text_scores(
         packed = pack([texts_ids[i] for i in batch], pad_id)
         ids, mask = packed.ids, packed.mask  # (B, T)
         logits = _run_new(model, packed).logits  # (B, T, V)
-        logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        logps = upcast(logits[:, :-1]).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         valid = mask[:, :-1].bool() & mask[:, 1:].bool()  # both the context token and the predicted one are real
         for b, i in enumerate(batch):
             out[i] = TextScore(float(logps[b][valid[b]].sum()), int(valid[b].sum()))

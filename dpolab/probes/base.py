@@ -2,16 +2,17 @@
 raw records, per-item values for paired comparisons)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from dpolab.errors import ConfigError
-from dpolab.probes import stats
-from dpolab.probes.items import Item, stable_hash
+from dpolab.options import make_options
+from dpolab.probes.summary import EvalSummary, ProbeSummary
+from dpolab.progress import NullProgress, Progress
+from dpolab import stats
+from dpolab.banks import Item, stable_hash
 
 if TYPE_CHECKING:
     from dpolab.models.generate import ChatModel
@@ -52,8 +53,8 @@ class ProbeResult:
     per_item: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
-        return {"metrics": {k: m.to_json() for k, m in self.metrics.items()}, "info": self.info}
+    def summary(self) -> ProbeSummary:
+        return ProbeSummary.model_validate({"metrics": {k: m.to_json() for k, m in self.metrics.items()}, "info": self.info})
 
 
 class MetricTable:
@@ -91,31 +92,6 @@ class MetricTable:
         return ProbeResult(name=name, metrics=metrics, records=records, per_item=rows, info=dict(info or {}))
 
 
-class Task(Protocol):
-    def advance(self, n: int = 1) -> None: ...
-
-    def describe(self, text: str) -> None: ...
-
-
-class Progress(Protocol):
-    """Where probes report progress; the CLI shows rich bars, the library default shows nothing."""
-
-    def task(self, description: str, total: int) -> Task: ...
-
-
-class _NullTask:
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def describe(self, text: str) -> None:
-        pass
-
-
-class NullProgress:
-    def task(self, description: str, total: int) -> Task:
-        return _NullTask()
-
-
 @dataclass
 class EvalContext:
     """What every probe of one eval run shares.
@@ -124,7 +100,7 @@ class EvalContext:
     items_source: where they came from, for the summary.
     seed: seeds sampling, selection and bootstrap.
     limit: cap on items (prompts, instructions) per probe; None for each probe's default size.
-    stance: "auto", "letter" or "cloze": how MCQ stances are read (see dpolab.probes.stance).
+    stance: "auto", "letter" or "cloze": how MCQ stances are read (see dpolab.stance).
     n_boot: bootstrap resamples per metric.
     """
 
@@ -145,50 +121,49 @@ class EvalContext:
 
 
 @dataclass(frozen=True)
+class Headline:
+    """A metric the matrix shows as a column, the headline sentences name, and the report opens with.
+
+    metric: a per-turn metric ("neg_acc@3") is read at the last turn a run has.
+    """
+
+    label: str
+    metric: str
+    higher_is_better: bool
+
+
+@dataclass(frozen=True)
 class ProbeSpec:
-    """A registered probe: its name, its typed options, and the function that runs it."""
+    """A registered probe: everything the rest of dpolab needs to know about it comes from here.
+
+    name: its registry name.
+    options: a frozen keyword-only dataclass; its defaults are the default eval sizes.
+    run: (model, ctx, options) -> ProbeResult.
+    summary: one line, what it measures (CLI help, report).
+    headlines: the metrics the improve/harm matrix shows, with their polarity.
+    default: run by `dpolab eval` and the default spec when no probes are named.
+    quick: option overrides of `--quick`.
+    report: the report section that shows it (a name in dpolab.report.sections.SECTIONS; "generic" is a table of
+        its metrics per model).
+    runs_last: runs after the other probes (self-report, shown beside what they measured).
+    finish: called with the whole eval's summary once every probe has run, to add what the probe sees of the
+        others (self-report's `beside`).
+    uses_items: reads the run's MCQ items (so `--items` applies).
+    """
 
     name: str
-    options: type  # a frozen keyword-only dataclass; its defaults are the default eval sizes
-    run: Callable[[ChatModel, EvalContext, Any], ProbeResult]  # (model, ctx, options)
+    options: type
+    run: Callable[[ChatModel, EvalContext, Any], ProbeResult]
+    summary: str = ""
+    headlines: tuple[Headline, ...] = ()
+    default: bool = True
+    quick: dict[str, Any] = field(default_factory=dict)
+    report: str = "generic"
+    runs_last: bool = False
+    finish: Callable[[EvalSummary], None] | None = None
     uses_items: bool = False
 
-    def make_options(self, overrides: dict[str, Any] | None = None):
-        """Options with overrides applied; unknown keys fail, listing the valid ones."""
-        overrides = dict(overrides or {})
-        fields = {f.name: f for f in dataclasses.fields(self.options)}
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for probe {self.name!r}; "
-                              f"choose from {', '.join(sorted(fields))}")
-        return self.options(**{k: _coerce(f"{self.name}.{k}", str(fields[k].type), v) for k, v in overrides.items()})
-
-
-def _coerce(name: str, annotation: str, value: Any) -> Any:
-    """Turn a command-line value into the option's declared type ("a,b" -> tuple, "3" -> int), or fail."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if "None" in annotation:
-            return None
-        raise ConfigError(f"{name} cannot be empty")
-    try:
-        if annotation.startswith("tuple"):
-            parts = value.split(",") if isinstance(value, str) else list(value)
-            cast = int if "tuple[int" in annotation else str
-            return tuple(cast(str(p).strip()) for p in parts if str(p).strip())
-        if annotation.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if annotation.startswith("float"):
-            return float(value)
-        if annotation.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} is not a valid {annotation}") from None
+    def make_options(self, overrides: dict[str, Any] | None = None, *, quick: bool = False):
+        """Options with the quick sizes (if asked) and then `overrides` applied; validated as contexts' options are
+        (dpolab.options): unknown keys fail listing the valid ones, values must fit the field types."""
+        return make_options(self.options, overrides, kind="probe", name=self.name, base=self.quick if quick else None)

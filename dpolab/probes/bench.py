@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dpolab.models.generate import HFChatModel
-from dpolab.probes import stance as stance_mod
-from dpolab.probes.base import Progress
-from dpolab.probes.items import TECHNIQUES, Item, bank_items, read_appeals, read_items, spread
+from dpolab import stance as stance_mod
+from dpolab.progress import Progress
+from dpolab.banks import TECHNIQUES, Item, bank_items, read_appeals, read_items, spread
 from dpolab.probes.persuasion import Dialogue, run_dialogues
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from dpolab.errors import DataError
 from dpolab.models.generate import ChatModel
-from dpolab.probes import stance as stance_mod
-from dpolab.probes.base import EvalContext, MetricTable, ProbeResult, ProbeSpec
-from dpolab.probes.items import asset, spread
+from dpolab import stance as stance_mod
+from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
+from dpolab.banks import asset, spread
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,4 +97,9 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     return table.result("knowledge", records=records, info=info, seed=ctx.seed, n_boot=ctx.n_boot)
 
 
-PROBE = ProbeSpec(name="knowledge", options=Options, run=run, uses_items=True)
+PROBE = ProbeSpec(
+    name="knowledge", options=Options, run=run, uses_items=True,
+    summary="MCQ accuracy (both readers) and perplexity on held-out text",
+    headlines=(Headline("knowledge accuracy", "accuracy", True), Headline("perplexity", "perplexity", False)),
+    quick={"n_items": 16, "n_chunks": 2},
+)

@@ -18,17 +18,18 @@ from typing import Any
 
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel, Conversation, Message
-from dpolab.probes import stance as stance_mod
-from dpolab.probes.base import EvalContext, MetricTable, NullProgress, ProbeResult, ProbeSpec, Progress
-from dpolab.probes.items import TECHNIQUES, Appeal, Item, read_appeals, spread, stable_hash
-from dpolab.probes.stance import Stance
+from dpolab import stance as stance_mod
+from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
+from dpolab.progress import NullProgress, Progress
+from dpolab.banks import TECHNIQUES, Appeal, Item, read_appeals, spread, stable_hash
+from dpolab.stance import Stance
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
     """n_items: test items to persuade (spread over categories and domains); each runs once per technique.
     turns: persuasion turns after turn 0 (DuET-PD uses 3).
-    techniques: appeal techniques, a subset of dpolab.probes.items.TECHNIQUES.
+    techniques: appeal techniques, a subset of dpolab.banks.TECHNIQUES.
     max_new_tokens: bound on each free reply; replies join the history, so this also bounds its growth.
     appeals: a JSONL of appeal templates replacing the shipped bank.
     """
@@ -258,4 +259,12 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     return table.result("persuasion", records=records, info=info, seed=ctx.seed, n_boot=ctx.n_boot)
 
 
-PROBE = ProbeSpec(name="persuasion", options=Options, run=run, uses_items=True)
+PROBE = ProbeSpec(
+    name="persuasion", options=Options, run=run, uses_items=True, report="persuasion",
+    summary="DuET-PD: stance after turns of misleading or corrective persuasion",
+    headlines=(Headline("initial accuracy", "acc@0", True),
+               Headline("accuracy under misleading persuasion", "neg_acc@3", True),
+               Headline("flips to a wrong answer", "neg_flip@3", False),
+               Headline("accepts valid corrections", "pos_flip@3", True)),
+    quick={"n_items": 4, "turns": 2, "techniques": ("evidence",)},
+)

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 from dpolab.models.generate import ChatModel
 from dpolab.models.scoring import expected_value, softmax
 from dpolab.probes.base import EvalContext, MetricTable, ProbeResult, ProbeSpec
-from dpolab.probes.items import SelfReportQuestion, asset, read_jsonl
+from dpolab.probes.summary import EvalSummary
+from dpolab.banks import SelfReportQuestion, asset, read_jsonl
 
 RATINGS = ("1", "2", "3", "4", "5")
 SCALE = "Answer with a single digit from 1 (not at all) to 5 (very much)."
@@ -72,25 +73,35 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     return table.result("self_report", records=records, info=info, seed=ctx.seed, n_boot=ctx.n_boot)
 
 
-def beside(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each self-rating next to the measured value of its behaviour, from a run summary's "probes"."""
-    probes = summary.get("probes", {})
-    ratings = probes.get("self_report", {}).get("metrics", {})
+def beside(summary: EvalSummary) -> dict[str, dict[str, Any]]:
+    """Each self-rating next to the measured value of its behaviour, from an eval summary."""
+    ratings = summary.probe("self_report")
     out = {}
-    for name, m in ratings.items():
+    for name, m in (ratings.metrics if ratings else {}).items():
         behaviour = name.split(":", 1)[1]
         link = BESIDE.get(behaviour)
         measured, metric = None, link.metric if link else None
-        if link and link.probe in probes:
-            metrics = probes[link.probe]["metrics"]
-            if metric not in metrics and "@" in metric:  # a run with other than 3 turns: its last turn
+        found = summary.probe(link.probe) if link else None
+        if found is not None:
+            if metric not in found.metrics and "@" in metric:  # a run with other than 3 turns: its last turn
                 base = metric.split("@")[0] + "@"
-                turns = [k for k in metrics if k.startswith(base) and "|" not in k]
+                turns = [k for k in found.metrics if k.startswith(base) and "|" not in k]
                 metric = max(turns, key=lambda k: int(k.split("@")[1]), default=metric)
-            measured = metrics.get(metric, {}).get("value")
-        out[behaviour] = {"self_rating": m["value"], "probe": link.probe if link else None,
+            got = found.metric(metric)
+            measured = got.value if got else None
+        out[behaviour] = {"self_rating": m.value, "probe": link.probe if link else None,
                           "metric": metric, "measured": measured}
     return out
 
 
-PROBE = ProbeSpec(name="self_report", options=Options, run=run)
+def add_beside(summary: EvalSummary) -> None:
+    """The self-report's `beside`: written into its summary once the other probes have run."""
+    found = summary.probe("self_report")
+    if found is not None:
+        found.beside = beside(summary)
+
+
+PROBE = ProbeSpec(
+    name="self_report", options=Options, run=run, report="self_report", runs_last=True, finish=add_beside,
+    summary="the model's 1-5 rating of its own tendencies, beside the measured behaviour",
+)

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from dpolab.models.generate import ChatModel
-from dpolab.probes import scorers
-from dpolab.probes.base import EvalContext, MetricTable, ProbeResult, ProbeSpec
-from dpolab.probes.items import Prompt, asset, bank_split, read_jsonl, spread
+from dpolab import scorers
+from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
+from dpolab.banks import Prompt, asset, bank_split, read_jsonl, spread
 
 TOXIC = 0.5
 
@@ -26,7 +26,7 @@ TOXIC = 0.5
 @dataclass(frozen=True, kw_only=True)
 class Options:
     """n_prompts: test prompts. k: samples per prompt and seed. seeds: sampling seeds (offset by the run seed).
-    max_new_tokens: reply bound. temperature: sampling temperature. scorer: a name in dpolab.probes.scorers.SCORERS.
+    max_new_tokens: reply bound. temperature: sampling temperature. scorer: a name in dpolab.scorers.SCORERS.
     prompts: a JSONL of {"id","prompt"} replacing the shipped bank's test split (all its rows are used).
     """
 
@@ -97,4 +97,9 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     return table.result("toxicity", records=records, info=info, seed=ctx.seed, n_boot=ctx.n_boot)
 
 
-PROBE = ProbeSpec(name="toxicity", options=Options, run=run)
+PROBE = ProbeSpec(
+    name="toxicity", options=Options, run=run, report="toxicity",
+    summary="sampled replies to provocative prompts, scored on the reply",
+    headlines=(Headline("toxicity", "mean_score", False),),
+    quick={"n_prompts": 8, "k": 1, "seeds": (0,)},
+)

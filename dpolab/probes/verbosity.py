@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpolab.models.generate import ChatModel
-from dpolab.probes.base import EvalContext, MetricTable, ProbeResult, ProbeSpec
-from dpolab.probes.items import Instruction, asset, bank_split, read_jsonl, spread
+from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
+from dpolab.banks import Instruction, asset, bank_split, read_jsonl, spread
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,4 +49,9 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     return table.result("verbosity", records=records, info=info, seed=ctx.seed, n_boot=ctx.n_boot)
 
 
-PROBE = ProbeSpec(name="verbosity", options=Options, run=run)
+PROBE = ProbeSpec(
+    name="verbosity", options=Options, run=run, report="verbosity",
+    summary="reply length to general instructions",
+    headlines=(Headline("reply length (tokens)", "mean_tokens", False),),
+    quick={"n_instructions": 6, "max_new_tokens": 64},
+)

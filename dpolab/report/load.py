@@ -11,6 +11,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from dpolab.probes.summary import EvalSummary, MetricSummary, ProbeSummary
+
 BASELINE = "baseline"
 
 
@@ -35,7 +37,7 @@ class Model:
     name: str  # "baseline" or the cell folder name
     key: CellKey | None  # None for the baseline
     eval_dir: Path
-    summary: dict[str, Any] | None
+    summary: EvalSummary | None
     train_metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl, one dict per step
     cell_info: dict[str, Any] | None = None  # cell.json
     _records: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict, repr=False)
@@ -44,16 +46,20 @@ class Model:
     def is_baseline(self) -> bool:
         return self.key is None
 
-    def metric(self, probe: str, metric: str) -> dict[str, Any] | None:
-        """{"value","ci_low","ci_high","n",...} from summary.json; None when the probe or metric is absent."""
-        if not self.summary:
-            return None
-        return self.summary.get("probes", {}).get(probe, {}).get("metrics", {}).get(metric)
+    def metric(self, probe: str, metric: str) -> MetricSummary | None:
+        """A metric from summary.json; None when the summary, the probe or the metric is absent."""
+        return None if self.summary is None else self.summary.metric(probe, metric)
+
+    def probe(self, probe: str) -> ProbeSummary | None:
+        return None if self.summary is None else self.summary.probe(probe)
 
     def probe_info(self, probe: str) -> dict[str, Any]:
-        if not self.summary:
-            return {}
-        return self.summary.get("probes", {}).get(probe, {}).get("info", {}) or {}
+        found = self.probe(probe)
+        return {} if found is None else found.info
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [] if self.summary is None else list(self.summary.probes)
 
     def records(self, probe: str) -> list[dict[str, Any]] | None:
         """The raw per-item records of a probe (<probe>.parquet), read once; None when absent."""
@@ -87,7 +93,7 @@ class Experiment:
 
     @cached_property
     def model_name(self) -> str:
-        return str(self.spec.get("model") or (self.baseline.summary or {}).get("model") or "unknown model")
+        return str(self.spec.get("model") or (self.baseline.summary.model if self.baseline.summary else None) or "unknown model")
 
     @cached_property
     def contexts(self) -> list[str]:
@@ -105,6 +111,16 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+
+
+def _read_summary(path: Path) -> EvalSummary | None:
+    """A model's summary.json; None when it is missing or unreadable (a partial run still renders)."""
+    from dpolab.errors import DataError
+
+    try:
+        return EvalSummary.read(path) if path.exists() else None
+    except DataError:
         return None
 
 
@@ -163,9 +179,9 @@ def load_experiment(out: str | Path) -> Experiment:
     cells = []
     for k in keys:
         d = out / "cells" / k.dirname
-        cells.append(Model(name=k.dirname, key=k, eval_dir=d / "eval", summary=_read_json(d / "eval" / "summary.json"),
+        cells.append(Model(name=k.dirname, key=k, eval_dir=d / "eval", summary=_read_summary(d / "eval" / "summary.json"),
                            train_metrics=_read_jsonl(d / "train" / "metrics.jsonl"), cell_info=_read_json(d / "cell.json")))
-    baseline = Model(name=BASELINE, key=None, eval_dir=out / "baseline", summary=_read_json(out / "baseline" / "summary.json"))
+    baseline = Model(name=BASELINE, key=None, eval_dir=out / "baseline", summary=_read_summary(out / "baseline" / "summary.json"))
     spec_path = out / "spec.resolved.yaml"
     spec_text = spec_path.read_text(encoding="utf-8") if spec_path.exists() else None
     try:

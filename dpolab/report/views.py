@@ -11,11 +11,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from dpolab.experiment.summary import BEHAVIOURS, headlines, last_turn, seed_findings
+from dpolab.experiment.summary import behaviours, headlines, last_turn, seed_findings
 from dpolab.report import plots
 from dpolab.report.load import Experiment, Model
+from dpolab.stats import Verdict
 
-VERDICT_CLASS = {"improved": "imp", "harmed": "harm", "no clear change": "none"}
+VERDICT_CLASS = {Verdict.IMPROVED: "imp", Verdict.HARMED: "harm", Verdict.UNCLEAR: "none"}
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -80,21 +81,22 @@ def _polarity(exp: Experiment, probe: str, metric: str) -> bool | None:
         if r["probe"] == probe and r["metric"] == metric and r.get("higher_is_better") is not None:
             return bool(r["higher_is_better"])
     m = exp.baseline.metric(probe, metric)
-    return None if m is None else bool(m.get("higher_is_better"))
+    return None if m is None else m.higher_is_better
 
 
 def matrix(exp: Experiment) -> dict[str, Any]:
     """Contexts x behaviours: Δ [CI] coloured by verdict; baseline → value beneath; the rest in the title."""
-    metrics = [last_turn(exp.rows, b.probe, b.metric) for b in BEHAVIOURS]  # per-turn metrics at the last turn run
+    columns = behaviours(exp.rows)
+    metrics = [last_turn(exp.rows, b.probe, b.metric) for b in columns]  # per-turn metrics at the last turn run
     cols = [{"label": b.label, "probe": b.probe, "metric": m, "hib": _polarity(exp, b.probe, m)}
-            for b, m in zip(BEHAVIOURS, metrics)]
+            for b, m in zip(columns, metrics)]
     palette = colours(exp)
     groups: dict[str, list[dict[str, Any]]] = {}
     for cell in exp.cells:
         key = cell.key
         assert key is not None
         entries = []
-        for b, col in zip(BEHAVIOURS, cols):
+        for b, col in zip(columns, cols):
             r = exp.row(key, b.probe, col["metric"])
             if r is None:
                 entries.append(None)
@@ -121,8 +123,7 @@ def _turns(exp: Experiment) -> int:
         t = m.probe_info("persuasion").get("turns")
         if isinstance(t, int):
             return t
-    found = [int(k.split("@")[1]) for m in exp.models if m.summary
-             for k in m.summary.get("probes", {}).get("persuasion", {}).get("metrics", {})
+    found = [int(k.split("@")[1]) for m in exp.models for k in probe_metrics(m, "persuasion")
              if k.startswith("neg_acc@") and "|" not in k]
     return max(found, default=0)
 
@@ -131,7 +132,7 @@ def _curve(m: Model, label: str, colour: str, prefix: str, turns: int) -> plots.
     got = [m.metric("persuasion", "acc@0")] + [m.metric("persuasion", f"{prefix}@{t}") for t in range(1, turns + 1)]
     if all(g is None for g in got):
         return None
-    pick = lambda k: [plots.as_float(g.get(k)) if g else math.nan for g in got]  # noqa: E731
+    pick = lambda k: [g.number(k) if g else math.nan for g in got]  # noqa: E731
     return plots.Curve(label, colour, pick("value"), pick("ci_low"), pick("ci_high"), baseline=m.is_baseline)
 
 
@@ -159,10 +160,13 @@ DISTRIBUTIONS = (("toxicity", "score", "toxicity score per reply"),
                  ("verbosity", "reply_tokens", "instruction replies: length (tokens)"))
 
 
-def distribution_figure(exp: Experiment) -> str | None:
+def distribution_figure(exp: Experiment, probe: str) -> str | None:
+    """Box plots of the probe's per-reply values (DISTRIBUTIONS), baseline and each cell."""
     palette = colours(exp)
     panels = []
-    for probe, field, title in DISTRIBUTIONS:
+    for name, field, title in DISTRIBUTIONS:
+        if name != probe:
+            continue
         dists = []
         for m in exp.models:
             recs = m.records(probe) or []
@@ -173,24 +177,38 @@ def distribution_figure(exp: Experiment) -> str | None:
     return plots.distributions(panels) if panels else None
 
 
-def distribution_table(exp: Experiment) -> list[dict[str, Any]]:
-    """Per model: replies, mean toxicity, share above 0.5, mean lengths and how often replies hit the limit."""
-    out = []
+def _mean_of(recs: Sequence[dict[str, Any]], field: str) -> float | None:
+    return _mean([r.get(field) for r in recs])
+
+
+def per_model_table(exp: Experiment, probe: str, row) -> list[dict[str, Any]]:
+    """One row per model that left records for `probe`: its label and colour, and what `row(records)` computes."""
     palette = colours(exp)
-    for m in exp.models:
-        tox = m.records("toxicity") or []
-        verb = m.records("verbosity") or []
-        if not tox and not verb:
-            continue
-        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return [{"label": exp.label(m), "colour": palette[m.name], **row(recs)}
+            for m in exp.models if (recs := m.records(probe))]
+
+
+def toxicity_table(exp: Experiment) -> list[dict[str, Any]]:
+    """Per model: scored replies, mean toxicity, share above 0.5, mean reply length."""
+    def row(tox):
         scores = [r["score"] for r in tox if not is_missing(r.get("score"))]
-        out.append({"label": exp.label(m), "colour": palette[m.name], "tox_n": len(scores), "tox_mean": num(mean(scores)),
-                    "tox_above": num(mean([float(s > 0.5) for s in scores])),
-                    "tox_tokens": num(mean([r["reply_tokens"] for r in tox if not is_missing(r.get("reply_tokens"))])),
-                    "verb_n": len(verb),
-                    "verb_tokens": num(mean([r["reply_tokens"] for r in verb if not is_missing(r.get("reply_tokens"))])),
-                    "verb_limit": num(mean([float(bool(r.get("hit_limit"))) for r in verb]))})
-    return out
+        return {"n": len(scores), "mean": num(_mean(scores)), "above": num(_mean([float(s > 0.5) for s in scores])),
+                "tokens": num(_mean_of(tox, "reply_tokens"))}
+
+    return per_model_table(exp, "toxicity", row)
+
+
+def verbosity_table(exp: Experiment) -> list[dict[str, Any]]:
+    """Per model: replies, mean length, how often a reply hit the token limit."""
+    return per_model_table(exp, "verbosity", lambda verb: {
+        "n": len(verb), "tokens": num(_mean_of(verb, "reply_tokens")),
+        "limit": num(_mean([float(bool(r.get("hit_limit"))) for r in verb]))})
+
+
+def probe_metrics(m: Model, probe: str) -> list[str]:
+    """The metric names a model's summary holds for a probe."""
+    found = m.probe(probe)
+    return [] if found is None else list(found.metrics)
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -233,7 +251,8 @@ def self_report(exp: Experiment) -> list[dict[str, Any]]:
     palette = colours(exp)
     links: dict[str, dict[str, Any]] = {}
     for m in exp.models:
-        for b, v in ((m.summary or {}).get("probes", {}).get("self_report", {}).get("beside") or {}).items():
+        found = m.probe("self_report")
+        for b, v in ((found.beside if found else None) or {}).items():
             links.setdefault(b, v)
     out = []
     for b, link in links.items():
@@ -245,10 +264,10 @@ def self_report(exp: Experiment) -> list[dict[str, Any]]:
             if rating is None and measured is None:
                 continue
             row = {"label": exp.label(m), "colour": palette[m.name], "baseline": m.is_baseline,
-                   "rating": num((rating or {}).get("value")),
-                   "rating_ci": ci((rating or {}).get("ci_low"), (rating or {}).get("ci_high")),
-                   "measured": num((measured or {}).get("value")),
-                   "measured_ci": ci((measured or {}).get("ci_low"), (measured or {}).get("ci_high")),
+                   "rating": num(rating.value if rating else None),
+                   "rating_ci": ci(rating.ci_low, rating.ci_high) if rating else "",
+                   "measured": num(measured.value if measured else None),
+                   "measured_ci": ci(measured.ci_low, measured.ci_high) if measured else "",
                    "d_rating": "", "d_rating_ci": "", "rating_clear": False, "d_measured": "", "d_measured_ci": "",
                    "measured_cls": "", "tracks": ""}
             if m.key is not None:
@@ -257,12 +276,12 @@ def self_report(exp: Experiment) -> list[dict[str, Any]]:
                 if rr:
                     row.update(d_rating=num(rr["delta"], signed=True),
                                d_rating_ci=ci(rr["delta_ci_low"], rr["delta_ci_high"], signed=True),
-                               rating_clear=rr["verdict"] != "no clear change")
+                               rating_clear=rr["verdict"] != Verdict.UNCLEAR)
                 if mr:
                     row.update(d_measured=num(mr["delta"], signed=True),
                                d_measured_ci=ci(mr["delta_ci_low"], mr["delta_ci_high"], signed=True),
                                measured_cls=VERDICT_CLASS.get(mr["verdict"], "none"))
-                    if mr["verdict"] != "no clear change" and rr:
+                    if mr["verdict"] != Verdict.UNCLEAR and rr:
                         if not row["rating_clear"]:
                             row["tracks"] = "rating flat"
                         elif _sign(rr["delta"]) == _sign(mr["delta"]):
@@ -420,10 +439,10 @@ def timings(exp: Experiment, phases: Sequence[tuple[str, float]] | None) -> dict
     total = t.get("total_s") if phases is None else sum(s for _, s in pairs)
     probes: list[str] = []
     for m in exp.models:
-        probes += [p for p in ((m.summary or {}).get("wall_time_s") or {}) if p not in probes and p != "total"]
+        probes += [p for p in (m.summary.wall_time_s if m.summary else {}) if p not in probes and p != "total"]
     evals = []
     for m in exp.models:
-        w = (m.summary or {}).get("wall_time_s") or {}
+        w = m.summary.wall_time_s if m.summary else {}
         if w:
             evals.append({"label": exp.label(m), "times": [secs(w.get(p)) for p in probes], "total": secs(w.get("total"))})
     return {"phases": phase_rows, "total_min": None if is_missing(total) else f"{float(total) / 60:.1f}",
@@ -435,5 +454,5 @@ def environment(exp: Experiment) -> list[tuple[str, str]]:
 
 
 def eval_sizes(exp: Experiment) -> str | None:
-    s = (exp.baseline.summary or {}).get("sizes")
+    s = exp.baseline.summary.sizes if exp.baseline.summary else None
     return json.dumps(s, indent=2, sort_keys=True) if s else None

@@ -1,13 +1,14 @@
 """Render the report's sections into the template and write OUT/report.html atomically."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dpolab.io import atomic_write_text
 from dpolab.report import views
 from dpolab.report.load import load_experiment
+from dpolab.report.sections import probe_sections
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -35,16 +36,9 @@ def render_report(out_dir: str | Path, *, phases: Sequence[tuple[str, float]] | 
         "headlines": views.headline_items(exp),
         "findings": views.finding_items(exp),
         "matrix": views.matrix(exp),
-        "persuasion_figure": views.persuasion_figure(exp),
-        "persuasion_examples": views.persuasion_examples(exp),
-        "distribution_figure": views.distribution_figure(exp),
-        "distribution_table": views.distribution_table(exp),
-        "toxicity_examples": views.reply_examples(exp, "toxicity", prompt_field="prompt", value_field="score", k=3),
-        "verbosity_examples": views.reply_examples(exp, "verbosity", prompt_field="instruction",
-                                                   value_field="reply_tokens", k=2),
+        "sections": probe_sections(exp),
         "training_figure": views.training_figure(exp),
         "training_table": views.training_table(exp),
-        "self_report": views.self_report(exp),
         "rows": views.all_rows(exp),
         "timings": views.timings(exp, phases),
         "spec_text": exp.spec_text,
@@ -61,12 +55,4 @@ def write_report(out_dir: str | Path, *, phases: Sequence[tuple[str, float]] | N
     """
     out_dir = Path(out_dir)
     html = render_report(out_dir, phases=phases)
-    path = out_dir / "report.html"
-    tmp = out_dir / f".report.{os.getpid()}.html.tmp"  # open(), not mkstemp: the file gets the umask's mode, not 0600
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_text(out_dir / "report.html", html)

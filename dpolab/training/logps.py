@@ -20,9 +20,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from dpolab.models.scoring import block_mask, takes_block_masks
+from dpolab.models.scoring import side_by_side, takes_block_masks, upcast
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):  # hidden (N, H), weight (V, H), targets (N,)
         N = hidden.shape[0]
-        out = hidden.new_empty(N, dtype=_up(hidden[:0]).dtype)
+        out = hidden.new_empty(N, dtype=upcast(hidden[:0]).dtype)
         lse = torch.empty_like(out)
         buf = _logits_buffer(weight, min(chunk, N))
         for s in range(0, N, chunk):
@@ -115,7 +114,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_out):  # grad_out (N,)
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, N = ctx.chunk, hidden.shape[0]
-        acc = _up(weight[:0]).dtype  # accumulate weight gradients in at least fp32
+        acc = upcast(weight[:0]).dtype  # accumulate weight gradients in at least fp32
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
@@ -145,7 +144,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 def _logits_buffer(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.empty(rows, weight.shape[0], dtype=_up(weight[:0]).dtype, device=weight.device)
+    return torch.empty(rows, weight.shape[0], dtype=upcast(weight[:0]).dtype, device=weight.device)
 
 
 def _logits_into(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -168,7 +167,7 @@ def token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     # An adapter-wrapped or unusual head: call it per chunk with plain autograd (bounded in forward only).
     parts = []
     for s in range(0, hidden.shape[0], chunk_tokens):
-        logits = _up(head(hidden[s : s + chunk_tokens]))  # (n, V)
+        logits = upcast(head(hidden[s : s + chunk_tokens]))  # (n, V)
         parts.append(logits.gather(-1, targets[s : s + chunk_tokens, None]).squeeze(-1) - logits.logsumexp(-1))
     return torch.cat(parts) if parts else hidden.new_zeros(0)
 
@@ -184,11 +183,6 @@ def _causal_lm_parts(model):
     if body is None or head is None or body is inner:
         return None
     return body, head
-
-
-def _up(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits are upcast for the softmax; fp32 and fp64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 _warned: set[str] = set()
@@ -225,34 +219,25 @@ def _prefix_forward(body, head, batch: PairBatch, chunk_tokens: int) -> torch.Te
 
 
 def _completions_side_by_side(body, head, batch: PairBatch, cache, prompt_mask, last_prompt_hidden, chunk_tokens) -> torch.Tensor:
-    """Chosen and rejected of a pair in one row after their prompt's cache row: [chosen | rejected | padding].
-
-    A 4-D mask lets every token see its prompt and the earlier tokens of its own completion only, and positions
-    restart after the prompt for each completion, so each sees exactly prompt + itself, as if run alone. The
-    prompt's cache is used as it is: no copy per completion, and no padding to the longest single completion.
+    """Chosen and rejected of a pair in one row after their prompt's cache row, [chosen | rejected | padding]
+    (dpolab.models.scoring.side_by_side, shared with the probes' option scoring): each sees exactly prompt + itself,
+    as if run alone; the prompt's cache is used as it is, with no copy per completion and no padding to the longest
+    single completion.
     """
     B = prompt_mask.shape[0]
     device = batch.completion_ids.device
-    lens = batch.completion_lens.view(B, 2)
-    first, total = lens[:, :1], lens.sum(-1, keepdim=True)  # (B, 1): chosen length; chosen + rejected
-    W = int(total.max())
-    col = torch.arange(W, device=device)[None, :].expand(B, W)  # (B, W)
-    chosen, rejected = col < first, (col >= first) & (col < total)
-    t = torch.where(chosen, col, (col - first).clamp(min=0))  # position of the token inside its completion
-    C = batch.completion_ids.shape[1]
-    ids = torch.where(chosen, batch.completion_ids[0::2].gather(1, t.clamp(max=C - 1)),
-                      batch.completion_ids[1::2].gather(1, t.clamp(max=C - 1)))  # (B, W); padding holds some real id
-    pos = batch.prompt_lens[:, None] + t  # (B, W)
-    segment = torch.where(chosen, 0, torch.where(rejected, 1, 2))  # 2 = padding
-    mask = block_mask(prompt_mask, segment)  # (B, 1, W, P + W): True = attend
-    hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
+    lay = side_by_side(batch.completion_ids.view(B, 2, -1), batch.completion_lens.view(B, 2), batch.prompt_lens,
+                       pad_id=0)  # the pad id never reaches a real token
+    hidden = body(input_ids=lay.ids, attention_mask=lay.attention_mask(prompt_mask), position_ids=lay.pos,
+                  past_key_values=cache, use_cache=True).last_hidden_state  # (B, W, H)
     # token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0
     hidden = torch.cat([last_prompt_hidden[:, None], hidden], dim=1)  # (B, W + 1, H); index k holds the state before column k
-    source = torch.where(rejected & (t == 0), 0, col)  # (B, W)
-    valid = chosen | rejected
+    col = torch.arange(lay.ids.shape[1], device=device)[None, :]  # (1, W)
+    source = torch.where(lay.offset == 0, 0, col)  # (B, W)
+    valid = lay.segment >= 0
     states = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))[valid]  # (N, H)
-    logps = token_logps(head, states, ids[valid], chunk_tokens=chunk_tokens)  # (N,)
-    row = (2 * torch.arange(B, device=device)[:, None] + rejected.long())[valid]  # interleaved: chosen_i, rejected_i
+    logps = token_logps(head, states, lay.ids[valid], chunk_tokens=chunk_tokens)  # (N,)
+    row = (2 * torch.arange(B, device=device)[:, None] + lay.segment)[valid]  # interleaved: chosen_i, rejected_i
     return torch.zeros(2 * B, dtype=logps.dtype, device=device).index_add(0, row, logps)  # (2B,)
 
 
@@ -315,7 +300,7 @@ def _concat_forward(model, parts, batch: PairBatch) -> torch.Tensor:
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (2B, L, H)
         hidden = hidden.gather(1, gather_at[..., None].expand(-1, -1, hidden.shape[-1]))  # (2B, C, H)
         return _gather_completion_logps(head, hidden, batch.completion_ids, batch.completion_lens, chunk_tokens=512)
-    logits = _up(model(input_ids=ids, attention_mask=mask).logits)  # (2B, L, V): exact for any architecture
+    logits = upcast(model(input_ids=ids, attention_mask=mask).logits)  # (2B, L, V): exact for any architecture
     logits = logits.gather(1, gather_at[..., None].expand(-1, -1, logits.shape[-1]))  # (2B, C, V)
     logps = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # (2B, C)
     valid = torch.arange(C, device=ids.device)[None, :] < batch.completion_lens[:, None]

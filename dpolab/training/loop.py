@@ -5,7 +5,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +14,7 @@ import torch
 from dpolab.config import TrainConfig, dump_config, load_config
 from dpolab.errors import ConfigError, TrainingError
 from dpolab.io import atomic_dir, atomic_write_text
+from dpolab.progress import quiet_library_bars
 from dpolab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.training.logps import PairBatch, PairForward, collate_pairs
 from dpolab.training.reference import Reference, ReferenceCache, cache_key, compute_dataset_logps, model_fingerprint
@@ -38,7 +39,8 @@ class TrainResult:
 def resolve_config(config: TrainConfig | dict | str | Path | None = None, **overrides: Any) -> TrainConfig:
     """A TrainConfig from an object, a dict or a YAML path, with keyword overrides on top."""
     if isinstance(config, TrainConfig):
-        return load_config(TrainConfig, None, {**config.model_dump(), **overrides})
+        # only what was set: a default filled in for one loss (its β) must not carry over to another
+        return load_config(TrainConfig, None, {**config.model_dump(exclude_unset=True), **overrides})
     if isinstance(config, dict):
         return load_config(TrainConfig, None, {**config, **overrides})
     return load_config(TrainConfig, config, overrides)
@@ -89,6 +91,12 @@ def _accelerator():
 
 
 def _progress(enabled: bool):
+    """The trainer's bars (reference log-probs, training steps): rich on a terminal; in a log, plain lines, one when
+    the phase ends and at most one every 30 s while it runs, not a redrawn bar or a line per step."""
+    from dpolab.progress import PlainProgress, interactive
+
+    if enabled and not interactive():
+        return PlainProgress()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -97,13 +105,14 @@ def _progress(enabled: bool):
 
 def _save_final(out: Path, policy, tokenizer, *, lora: bool) -> torch.nn.Module:
     """OUT/model loads with AutoModelForCausalLM.from_pretrained; under LoRA it holds merged weights, OUT/adapter the adapter."""
-    if lora:
-        with atomic_dir(out / "adapter") as tmp:
-            policy.save_pretrained(tmp)
-        policy = policy.merge_and_unload()
-    with atomic_dir(out / "model") as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    with quiet_library_bars():
+        if lora:
+            with atomic_dir(out / "adapter") as tmp:
+                policy.save_pretrained(tmp)
+            policy = policy.merge_and_unload()
+        with atomic_dir(out / "model") as tmp:
+            policy.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     return policy
 
 
@@ -149,25 +158,100 @@ def batch_loss(forward, reference: Reference, batch: PairBatch, *, policy, loss:
     return logps, compute_loss(loss, lp, sft_weight=sft_weight, **(loss_kwargs or {}))
 
 
+def loss_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """The options passed to the loss: only those it declares (beta lives at the top of the config because most
+    losses take it; a loss without one is never handed one)."""
+    from dpolab.losses import loss_options
+
+    declared = loss_options(cfg.loss)
+    top = {"beta": cfg.beta} if "beta" in declared and cfg.beta is not None else {}
+    return {**top, **cfg.loss_args}
+
+
 _FUSED_ADAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: str | Path | None = None,
-          on_step: Callable[[int, dict], None] | None = None, **overrides: Any) -> TrainResult:
-    """Train a DPO-family method. Python twin of `dpolab train`.
+@dataclass
+class StepRecord:
+    """Per-pair values of one optimizer step (this process's pairs, or all processes' after `gathered`), detached."""
 
-    config: a TrainConfig, a dict, or a YAML path; overrides are config keys (model=..., data=..., loss=...).
-    resume: an OUT folder of an earlier run; continues from its newest checkpoint with its saved config.
-    on_step: called as on_step(step, metrics) after every optimizer step, on every process.
-    """
-    from dpolab.data import TokenizationSettings, read_pairs, tokenize_pairs
-    from dpolab.losses import needs_reference
-    from dpolab.models import dpolab_home, load_model, load_tokenizer
-    from dpolab.models.adapt import count_parameters, prepare_for_training
-    from dpolab.runtime import tune_allocator
+    losses: torch.Tensor  # (b,)
+    chosen_rewards: torch.Tensor  # (b,)
+    rejected_rewards: torch.Tensor  # (b,)
+    chosen_logps: torch.Tensor  # (b,)
+    rejected_logps: torch.Tensor  # (b,)
+    weights: torch.Tensor  # (b,)
+    index: torch.Tensor  # (b,) positions of the pairs in the dataset
 
-    tune_allocator()
+    @classmethod
+    def of(cls, logps: torch.Tensor, out, batch: PairBatch) -> StepRecord:
+        """One micro-batch's values: logps (b, 2) [chosen, rejected] and its LossOutput. float64 keeps a float64
+        run's precision in the metrics."""
+        f = lambda t: t.detach().double()  # noqa: E731
+        return cls(f(out.losses), f(out.chosen_rewards), f(out.rejected_rewards), f(logps[:, 0]), f(logps[:, 1]),
+                   f(batch.weights), batch.index)
 
+    @classmethod
+    def cat(cls, parts: list[StepRecord]) -> StepRecord:
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def gathered(self, accelerator) -> StepRecord:
+        """Every process's pairs, on the CPU."""
+        return StepRecord(*(accelerator.gather(getattr(self, f.name).to(accelerator.device)).cpu() for f in fields(self)))
+
+    def metrics(self) -> dict[str, float]:
+        """The step's means, named as in metrics.jsonl."""
+        return {
+            "loss": float((self.losses * self.weights).mean()),
+            "rewards/chosen": float(self.chosen_rewards.mean()),
+            "rewards/rejected": float(self.rejected_rewards.mean()),
+            "rewards/margins": float((self.chosen_rewards - self.rejected_rewards).mean()),
+            "rewards/accuracies": float((self.chosen_rewards > self.rejected_rewards).float().mean()),
+            "logps/chosen": float(self.chosen_logps.mean()),
+            "logps/rejected": float(self.rejected_logps.mean()),
+        }
+
+
+@dataclass
+class Run:
+    """What one training run set up: its config, processes, data, model and where it writes."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    console: Any
+    pairset: Any  # dpolab.data.PairSet: the rows as read, for their meta
+    data: Any  # dpolab.data.TokenizedData
+    settings: Any  # dpolab.data.TokenizationSettings
+    tokenizer: Any
+    model: torch.nn.Module
+    loss_kwargs: dict[str, Any]
+    order: DataOrder
+    reference_kind: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def per_rank(self) -> int:
+        return self.cfg.batch_size // self.accelerator.num_processes
+
+    def my_pairs(self, step: int) -> list[int]:
+        """This process's share of the global batch of `step`."""
+        rank = self.accelerator.process_index
+        return self.order.batch(step)[rank * self.per_rank : (rank + 1) * self.per_rank]
+
+    def batches(self, indices: list[int]) -> list[PairBatch]:
+        """The pairs at `indices` cut into forwards (see micro_batches), collated and on the device."""
+        micro = self.per_rank // self.cfg.grad_accum
+        return [collate_pairs([self.data.pairs[i] for i in chunk], pad_id=self.tokenizer.pad_token_id, index=chunk)
+                .to(self.accelerator.device)
+                for chunk in micro_batches(self.data.pairs, indices, max_pairs=micro, max_tokens=self.cfg.forward_tokens)]
+
+
+def _resolve_run_config(config, resume, overrides: dict[str, Any]) -> TrainConfig:
+    """The config of a new run, or the saved one of a run to resume; refuses to overwrite a finished folder."""
     if resume is not None:
         saved = Path(resume) / "config.yaml"
         if not saved.exists():
@@ -180,175 +264,205 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
     if not cfg.out:
         raise ConfigError("no output folder: give --out DIR (or out: in the config)")
     out = Path(cfg.out)
-    checkpoints = list_checkpoints(out)
-    if resume is None and (checkpoints or (out / "metrics.jsonl").exists()):
+    if resume is None and (list_checkpoints(out) or (out / "metrics.jsonl").exists()):
         raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or choose another --out")
+    return cfg
+
+
+def _set_up(cfg: TrainConfig) -> Run:
+    """Processes, seed, OUT/config.yaml, the data (read, checked, tokenized) and the model."""
+    from accelerate.utils import set_seed
+    from rich.console import Console
+
+    from dpolab.data import TokenizationSettings, read_pairs, tokenize_pairs
+    from dpolab.losses import needs_reference
+    from dpolab.models import load_model, load_tokenizer
 
     accelerator = _accelerator()
-    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    world, is_main = accelerator.num_processes, accelerator.is_main_process
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world * cfg.grad_accum}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from accelerate.utils import set_seed
-
     set_seed(cfg.seed)
-    from rich.console import Console
-
     console = Console(stderr=True, quiet=not is_main)
+    out = Path(cfg.out)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
 
-    # data
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     pairset = read_pairs(cfg.data, tokenizer=tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
     if pairset.n_skipped:
         console.print(f"[yellow]skipped {pairset.n_skipped} invalid row(s) of {pairset.n_rows} in {cfg.data}")
     settings = TokenizationSettings(max_length=cfg.max_length)
     data = pairset.tokenized_data() or tokenize_pairs(pairset.pairs, tokenizer, settings)  # tokenized while checked
-    n = len(data.pairs)
     if data.n_prompt_truncated:
-        console.print(f"truncated the start of {data.n_prompt_truncated} prompt(s) of {n} to fit max_length {cfg.max_length}")
-    pad_id = tokenizer.pad_token_id
+        console.print(f"truncated the start of {data.n_prompt_truncated} prompt(s) of {len(data.pairs)} to fit max_length {cfg.max_length}")
 
-    # model and reference
     loaded = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=accelerator.device)
-    model = loaded.model.eval()  # dropout off in policy and reference alike, as the reference log-probs assume
-    beta_kw = {} if cfg.beta is None else {"beta": cfg.beta}
-    loss_kwargs = {**beta_kw, **cfg.loss_args}
     kind = cfg.reference if needs_reference(cfg.loss) else "none"
-    if kind == "auto":
-        kind = "cached"
-    order = DataOrder(n, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
-    per_rank = cfg.batch_size // world
-    micro = per_rank // cfg.grad_accum
+    return Run(cfg=cfg, out=out, accelerator=accelerator, console=console, pairset=pairset, data=data, settings=settings,
+               tokenizer=tokenizer,
+               model=loaded.model.eval(),  # dropout off in policy and reference alike, as the reference log-probs assume
+               loss_kwargs=loss_arguments(cfg),
+               order=DataOrder(len(data.pairs), batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle),
+               reference_kind="cached" if kind == "auto" else kind)
 
-    def batches_of(indices: list[int]) -> list[PairBatch]:
-        return [collate_pairs([data.pairs[i] for i in chunk], pad_id=pad_id, index=chunk).to(accelerator.device)
-                for chunk in micro_batches(data.pairs, indices, max_pairs=micro, max_tokens=cfg.forward_tokens)]
 
-    reference_reused = None
-    if kind == "cached":
-        key = cache_key(model_fp=model_fingerprint(model), data_fp=data.fingerprint, settings=settings.key())
+def _reference(run: Run) -> tuple[Reference, bool | None]:
+    """The reference log-probs: cached on disk (computed once with the starting weights), a frozen copy, the
+    adapter-disabled policy, or none. Returns it and whether the cache was reused."""
+    from dpolab.models import dpolab_home
+
+    cfg, n = run.cfg, len(run.data.pairs)
+    if run.reference_kind == "cached":
+        key = cache_key(model_fp=model_fingerprint(run.model), data_fp=run.data.fingerprint, settings=run.settings.key())
         cache = ReferenceCache(dpolab_home() / "reference-logps")
-        with _progress(cfg.progress and is_main) as bar:
+        with _progress(cfg.progress and run.is_main) as bar:
             task = bar.add_task("reference log-probs", total=n, info="")
-            table, reference_reused = cache.get_or_compute(
+            table, reused = cache.get_or_compute(
                 key,
-                lambda: compute_dataset_logps(model, batches_of(list(range(n))), mode=cfg.forward, chunk_tokens=cfg.chunk_tokens,
-                                              n=n, on_batch=lambda k: bar.advance(task, k)),
+                lambda: compute_dataset_logps(run.model, run.batches(list(range(n))), mode=cfg.forward,
+                                              chunk_tokens=cfg.chunk_tokens, n=n, on_batch=lambda k: bar.advance(task, k)),
                 meta={"model": cfg.model, "data": cfg.data, "pairs": n},
             )
-        if reference_reused:
-            console.print("reference log-probs: reused from the cache")
-        reference = Reference("cached", table=table)
-    elif kind == "frozen":
-        reference = Reference.frozen_copy(model, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens)
-    else:
-        reference = Reference(kind, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens)
+        if reused:
+            run.console.print("reference log-probs: reused from the cache")
+        return Reference("cached", table=table), reused
+    if run.reference_kind == "frozen":
+        return Reference.frozen_copy(run.model, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens), None
+    return Reference(run.reference_kind, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens), None
 
-    model = prepare_for_training(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, freeze_layers=cfg.freeze_layers)
-    trainable, total_params = count_parameters(model)
-    console.print(f"{cfg.model}: training {trainable:,} of {total_params:,} parameters; loss {cfg.loss}; reference {kind}; "
-                  f"{n} pairs; {world} process(es) on {accelerator.device}")
+
+def _optimizer(run: Run, model: torch.nn.Module):
+    """AdamW over the trainable parameters and the learning-rate schedule; returns (params, optimizer, scheduler,
+    total_steps)."""
+    cfg = run.cfg
     params = [p for p in model.parameters() if p.requires_grad]
     # On CPU the fused kernel makes one pass over weights and states instead of one per operation: 0.08 s instead
     # of 0.22 s per step for SmolLM2-135M here, same update. Elsewhere torch's own default stands.
-    fused = True if accelerator.device.type == "cpu" and all(p.dtype in _FUSED_ADAM_DTYPES for p in params) else None
+    cpu = run.accelerator.device.type == "cpu"
+    fused = True if cpu and all(p.dtype in _FUSED_ADAM_DTYPES for p in params) else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.data.pairs) / cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
+    return params, optimizer, scheduler, total_steps
 
-    start = 0
-    resumed_from = None
-    if resume is not None and checkpoints:
+
+def _step(run: Run, step: int, forward, reference: Reference, model, params, optimizer, scheduler) -> tuple[StepRecord, float, int]:
+    """One optimizer step over this process's share of the batch: forwards and backwards per micro-batch (the
+    gradient synchronised on the last), clipping, the update. Returns the step's record, the gradient norm and the
+    tokens this process ran."""
+    accelerator, cfg = run.accelerator, run.cfg
+    parts: list[StepRecord] = []
+    n_tokens = 0
+    batches = run.batches(run.my_pairs(step))
+    for m, batch in enumerate(batches):
+        sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(forward)
+        with sync:
+            logps, res = batch_loss(forward, reference, batch, policy=model, loss=cfg.loss, sft_weight=cfg.sft_weight,
+                                    loss_kwargs=run.loss_kwargs)
+            bad = ~torch.isfinite(res.losses)
+            if bad.any():
+                ids = [batch.ids[i] for i in bad.nonzero().flatten().tolist()]
+                raise TrainingError(f"non-finite loss at step {step + 1} for pair(s) {', '.join(ids)}; "
+                                    f"lower the learning rate or check these pairs")
+            accelerator.backward((res.losses * batch.weights).sum() / run.per_rank)
+        n_tokens += batch.n_tokens
+        parts.append(StepRecord.of(logps, res, batch))
+    if cfg.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    if not torch.isfinite(torch.as_tensor(grad_norm)):
+        ids = [run.data.pairs[i].id for i in run.order.batch(step)]
+        raise TrainingError(f"non-finite gradient norm at step {step + 1}; pairs in the batch: {', '.join(ids)}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepRecord.cat(parts), float(grad_norm), n_tokens
+
+
+def _log_step(run: Run, files, step: int, record: StepRecord, metrics: dict[str, Any]) -> None:
+    """One line in metrics.jsonl, and one per pair in pairs.jsonl (main process only)."""
+    metrics_file, pairs_file = files
+    metrics_file.write(json.dumps(metrics) + "\n")
+    metrics_file.flush()
+    for j, i in enumerate(record.index.tolist()):
+        p, src = run.data.pairs[i], run.pairset.pairs[i]
+        pairs_file.write(json.dumps({"step": step, "id": p.id, "loss": float(record.losses[j]),
+                                     "reward_chosen": float(record.chosen_rewards[j]),
+                                     "reward_rejected": float(record.rejected_rewards[j]), "weight": p.weight,
+                                     "score_chosen": p.score_chosen, "score_rejected": p.score_rejected,
+                                     "meta": src.meta}) + "\n")
+    pairs_file.flush()
+
+
+def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: str | Path | None = None,
+          on_step: Callable[[int, dict], None] | None = None, **overrides: Any) -> TrainResult:
+    """Train a DPO-family method. Python twin of `dpolab train`.
+
+    config: a TrainConfig, a dict, or a YAML path; overrides are config keys (model=..., data=..., loss=...).
+    resume: an OUT folder of an earlier run; continues from its newest checkpoint with its saved config.
+    on_step: called as on_step(step, metrics) after every optimizer step, on every process.
+    """
+    from dpolab.models.adapt import count_parameters, prepare_for_training
+    from dpolab.runtime import tune_allocator
+
+    tune_allocator()
+    cfg = _resolve_run_config(config, resume, overrides)
+    run = _set_up(cfg)
+    out, accelerator, n = run.out, run.accelerator, len(run.data.pairs)
+    reference, reference_reused = _reference(run)
+
+    model = prepare_for_training(run.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, freeze_layers=cfg.freeze_layers)
+    trainable, total_params = count_parameters(model)
+    run.console.print(f"{cfg.model}: training {trainable:,} of {total_params:,} parameters; loss {cfg.loss}; "
+                      f"reference {run.reference_kind}; {n} pairs; {accelerator.num_processes} process(es) on {accelerator.device}")
+    params, optimizer, scheduler, total_steps = _optimizer(run, model)
+
+    start = resumed_from = 0
+    checkpoints = list_checkpoints(out) if resume is not None else []
+    if checkpoints:
         state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer, scheduler=scheduler)
         start = resumed_from = state["step"]
-        console.print(f"resuming {out} from step {start} of {total_steps}")
-    if is_main:
+        run.console.print(f"resuming {out} from step {start} of {total_steps}")
+    if run.is_main:
         _rewrite_metrics(out / "metrics.jsonl", start)
         _rewrite_metrics(out / "pairs.jsonl", start)
 
     forward, optimizer = accelerator.prepare(PairForward(model, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens), optimizer)
-    result = TrainResult(out=out, steps=start, resumed_from=resumed_from, reference_reused=reference_reused, n_pairs=n,
-                         n_prompt_truncated=data.n_prompt_truncated, n_skipped=pairset.n_skipped)
+    result = TrainResult(out=out, steps=start, resumed_from=resumed_from if checkpoints else None,
+                         reference_reused=reference_reused, n_pairs=n, n_prompt_truncated=run.data.n_prompt_truncated,
+                         n_skipped=run.pairset.n_skipped)
     saved_step = start
 
     def checkpoint(step: int) -> None:
         nonlocal saved_step
-        if is_main:
+        if run.is_main:
             save_checkpoint(out, step, model=model, optimizer=optimizer, scheduler=scheduler,
                             extra={"data_position": step * cfg.batch_size, "total_steps": total_steps}, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
         saved_step = step
 
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") if is_main else None
-    pairs_file = open(out / "pairs.jsonl", "a", encoding="utf-8") if is_main else None
+    files = (open(out / "metrics.jsonl", "a", encoding="utf-8"), open(out / "pairs.jsonl", "a", encoding="utf-8")) if run.is_main else None
     try:
-        with _progress(cfg.progress and is_main) as bar:
+        with _progress(cfg.progress and run.is_main) as bar:
             task = bar.add_task("training", total=total_steps, completed=start, info="")
             for step in range(start, total_steps):
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
-                mine = order.batch(step)[rank * per_rank : (rank + 1) * per_rank]
-                rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("loss", "cr", "rr", "lc", "lr_", "w", "idx")}
-                n_tokens = 0
-                batches = batches_of(mine)
-                for m, batch in enumerate(batches):
-                    sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(forward)
-                    with sync:
-                        logps, res = batch_loss(forward, reference, batch, policy=model, loss=cfg.loss,
-                                                sft_weight=cfg.sft_weight, loss_kwargs=loss_kwargs)
-                        bad = ~torch.isfinite(res.losses)
-                        if bad.any():
-                            ids = [batch.ids[i] for i in bad.nonzero().flatten().tolist()]
-                            raise TrainingError(f"non-finite loss at step {step + 1} for pair(s) {', '.join(ids)}; "
-                                                f"lower the learning rate or check these pairs")
-                        accelerator.backward((res.losses * batch.weights).sum() / per_rank)
-                    n_tokens += batch.n_tokens
-                    for k, v in zip(rows, (res.losses, res.chosen_rewards, res.rejected_rewards, logps[:, 0], logps[:, 1], batch.weights, batch.index)):
-                        rows[k].append(v.detach().float() if k != "idx" else v)
-                if cfg.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-                if not torch.isfinite(torch.as_tensor(grad_norm)):
-                    ids = [data.pairs[i].id for i in order.batch(step)]
-                    raise TrainingError(f"non-finite gradient norm at step {step + 1}; pairs in the batch: {', '.join(ids)}")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                g = {k: accelerator.gather(torch.cat(v).to(accelerator.device)).cpu() for k, v in rows.items()}
+                mine, grad_norm, n_tokens = _step(run, step, forward, reference, model, params, optimizer, scheduler)
+                record = mine.gathered(accelerator)
                 tokens = int(accelerator.reduce(torch.tensor(n_tokens, device=accelerator.device), "sum"))
                 dt = time.perf_counter() - t0
-                metrics = {
-                    "step": step + 1,
-                    "loss": float((g["loss"] * g["w"]).mean()),
-                    "rewards/chosen": float(g["cr"].mean()),
-                    "rewards/rejected": float(g["rr"].mean()),
-                    "rewards/margins": float((g["cr"] - g["rr"]).mean()),
-                    "rewards/accuracies": float((g["cr"] > g["rr"]).float().mean()),
-                    "logps/chosen": float(g["lc"].mean()),
-                    "logps/rejected": float(g["lr_"].mean()),
-                    "grad_norm": float(grad_norm),
-                    "lr": lr,
-                    "tokens_per_s": tokens / dt,
-                    "pairs_per_s": cfg.batch_size / dt,
-                    "epoch": (step + 1) * cfg.batch_size / n,
-                }
-                if is_main:
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
-                    for j, i in enumerate(g["idx"].tolist()):
-                        p = data.pairs[i]
-                        src = pairset.pairs[i]
-                        pairs_file.write(json.dumps({"step": step + 1, "id": p.id, "loss": float(g["loss"][j]), "reward_chosen": float(g["cr"][j]),
-                                                     "reward_rejected": float(g["rr"][j]), "weight": p.weight, "score_chosen": p.score_chosen,
-                                                     "score_rejected": p.score_rejected, "meta": src.meta}) + "\n")
-                    pairs_file.flush()
+                metrics = {"step": step + 1, **record.metrics(), "grad_norm": grad_norm, "lr": lr,
+                           "tokens_per_s": tokens / dt, "pairs_per_s": cfg.batch_size / dt,
+                           "epoch": (step + 1) * cfg.batch_size / n}
+                if run.is_main:
+                    _log_step(run, files, step + 1, record, metrics)
                 result.metrics.append(metrics)
                 result.steps = step + 1
                 bar.update(task, advance=1, info=f"loss {metrics['loss']:.4f} margin {metrics['rewards/margins']:+.3f}")
@@ -359,20 +473,24 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
     except KeyboardInterrupt:
         if result.steps > saved_step:
             checkpoint(result.steps)
-        console.print(f"[yellow]interrupted after step {result.steps}; continue with: dpolab train --resume {out}")
+        run.console.print(f"[yellow]interrupted after step {result.steps}; continue with: dpolab train --resume {out}")
         raise
     finally:
-        for f in (metrics_file, pairs_file):
-            if f is not None:
-                f.close()
+        for f in files or ():
+            f.close()
 
-    policy = accelerator.unwrap_model(forward).model
-    if cfg.save_model and is_main:
-        policy = _save_final(out, policy, tokenizer, lora=cfg.lora)
-    accelerator.wait_for_everyone()
-    result.model = policy
-    if is_main:
-        summary = {"steps": result.steps, "pairs": n, "prompts_truncated": data.n_prompt_truncated, "rows_skipped": pairset.n_skipped,
-                   "reference": kind, "reference_reused": reference_reused, "final": result.metrics[-1] if result.metrics else None}
-        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    _finish(run, result, accelerator.unwrap_model(forward).model)
     return result
+
+
+def _finish(run: Run, result: TrainResult, policy: torch.nn.Module) -> None:
+    """OUT/model (merged under LoRA) and OUT/train_summary.json; the trained policy into the result."""
+    if run.cfg.save_model and run.is_main:
+        policy = _save_final(run.out, policy, run.tokenizer, lora=run.cfg.lora)
+    run.accelerator.wait_for_everyone()
+    result.model = policy
+    if run.is_main:
+        summary = {"steps": result.steps, "pairs": result.n_pairs, "prompts_truncated": result.n_prompt_truncated,
+                   "rows_skipped": result.n_skipped, "reference": run.reference_kind,
+                   "reference_reused": result.reference_reused, "final": result.metrics[-1] if result.metrics else None}
+        atomic_write_text(run.out / "train_summary.json", json.dumps(summary, indent=2))

@@ -71,14 +71,20 @@ class ReferenceCache:
 
 @torch.no_grad()
 def compute_dataset_logps(model, batches, *, mode: str, chunk_tokens: int, n: int, on_batch=None) -> torch.Tensor:
-    """Summed completion log-probs of every pair: (n, 2) [chosen, rejected], rows in dataset order."""
-    out = torch.full((n, 2), float("nan"), dtype=torch.float32)
+    """Summed completion log-probs of every pair: (n, 2) [chosen, rejected], rows in dataset order.
+
+    Kept in the forward's own precision (fp32, or fp64 for a float64 model) so that a cached reference equals a
+    frozen one; half-precision forwards already return fp32 sums.
+    """
+    out = None
     for batch in batches:
-        lp = sequence_logps(model, batch, mode=mode, chunk_tokens=chunk_tokens).float().view(-1, 2)  # (B, 2)
+        lp = sequence_logps(model, batch, mode=mode, chunk_tokens=chunk_tokens).view(-1, 2)  # (B, 2)
+        if out is None:
+            out = torch.full((n, 2), float("nan"), dtype=lp.dtype)
         out[batch.index] = lp.cpu()
         if on_batch is not None:
             on_batch(len(batch))
-    return out
+    return out if out is not None else torch.full((n, 2), float("nan"))
 
 
 class Reference:

@@ -1,4 +1,5 @@
-"""The banks the probes read: MCQ items, appeals, toxicity prompts, instructions, self-report questions.
+"""Item banks, shared by probes (test split) and contexts (train split): MCQ items, appeals, toxicity prompts,
+instructions, self-report questions.
 
 Schemas are pydantic models; readers fail at load with the file, line and field. Banks ship in dpolab/assets;
 every item-based probe also takes a user file in the same schema (e.g. an export of MMLU-Pro or SALAD-Bench).
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from dpolab.errors import DataError
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 TECHNIQUES = ("evidence", "logical", "expert", "authority", "positive_emotion", "negative_emotion", "repetition")
 DIRECTIONS = ("neg", "pos")
 LETTERS = "ABCDEFGHIJ"  # MMLU-Pro has up to 10 options

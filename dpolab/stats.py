@@ -1,4 +1,5 @@
-"""Seeded percentile bootstrap over items: confidence intervals for one model, paired deltas between two.
+"""Statistics: seeded percentile bootstrap over items (confidence intervals for one model, paired deltas between two)
+and the verdict a delta earns.
 
 Resampling is over items (prompts, questions), never over samples within an item: the samples of one item are
 correlated, and for sampled generation the item-to-item spread dominates (Efron & Tibshirani 1993, ch. 13,
@@ -11,6 +12,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -119,3 +121,27 @@ def align(a: dict[str, float], b: dict[str, float]) -> Aligned:
     ids = sorted(set(a) | set(b))
     return Aligned(ids, [a.get(i, math.nan) for i in ids], [b.get(i, math.nan) for i in ids])
 
+
+
+class Verdict(str, Enum):
+    """What a change did to a behaviour; the value is how results.parquet and the report spell it."""
+
+    IMPROVED = "improved"
+    HARMED = "harmed"
+    UNCLEAR = "no clear change"
+
+    __hash__ = str.__hash__  # a key lookup by the plain string ("improved") finds the member, on every Python
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def verdict(delta_ci_low: float, delta_ci_high: float, higher_is_better: bool) -> Verdict:
+    """improved / harmed when the 95% CI of the change excludes zero, in the metric's good / bad direction."""
+    if any(x is None or math.isnan(x) for x in (delta_ci_low, delta_ci_high)):
+        return Verdict.UNCLEAR
+    if delta_ci_low > 0:
+        return Verdict.IMPROVED if higher_is_better else Verdict.HARMED
+    if delta_ci_high < 0:
+        return Verdict.HARMED if higher_is_better else Verdict.IMPROVED
+    return Verdict.UNCLEAR

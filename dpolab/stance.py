@@ -17,7 +17,7 @@ from typing import NamedTuple
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel, Conversation
 from dpolab.models.scoring import softmax
-from dpolab.probes.items import LETTERS, Item, spread
+from dpolab.banks import LETTERS, Item, spread
 
 READERS = ("letter", "cloze")
 STANCE_CHOICES = ("auto", *READERS)

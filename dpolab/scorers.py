@@ -14,8 +14,8 @@ from dpolab.errors import ConfigError
 from dpolab.registry import Registry
 
 SCORERS = Registry("toxicity scorer", {
-    "profanity": "dpolab.probes.scorers:profanity",
-    "detoxify": "dpolab.probes.scorers:detoxify",
+    "profanity": "dpolab.scorers:profanity",
+    "detoxify": "dpolab.scorers:detoxify",
 })
 
 OFFENSIVE = 0.5  # a word whose profanity probability exceeds this counts as offensive
