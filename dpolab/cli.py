@@ -8,6 +8,7 @@ import typer
 from dpolab import DEFAULT_MODEL
 from dpolab.bench.train import SYSTEMS as BENCH_SYSTEMS
 from dpolab.errors import DpolabError
+from dpolab.stance import READERS, STANCE_CHOICES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Does preference optimization improve or harm a model's behaviour?")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate preference data.")
@@ -186,7 +187,7 @@ def eval_(
     probes: str | None = typer.Option(None, "--probes", help=_probe_help() + " (default: all)"),
     items: str | None = typer.Option(None, "--items", help="MCQ items JSONL (id, domain, category, question, options, answer[, target, source]) instead of the shipped test split; all its items are used"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="at most N items, prompts or instructions per probe"),
-    stance: str = typer.Option("auto", "--stance", help="how MCQ answers are read: auto, letter or cloze"),
+    stance: str = typer.Option("auto", "--stance", help=f"how MCQ answers are read: {', '.join(STANCE_CHOICES)} (auto: calibrated)"),
     seed: int = typer.Option(0, "--seed", help="seeds sampling, item selection and bootstrap"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="conversations per generate call"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),
@@ -232,7 +233,7 @@ def bench_eval_cmd(
     turns: int = typer.Option(3, "--turns", min=1, help="persuasion turns after turn 0"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="bound on each reply"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="dialogues per generate call in the batched run"),
-    stance: str = typer.Option("cloze", "--stance", help="stance reader for both runs: cloze or letter"),
+    stance: str = typer.Option("cloze", "--stance", help=f"stance reader for both runs: {', '.join(READERS.names())}"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, or float64 (exact: no near-tie can make "
                               "the two runs' greedy transcripts differ)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),

@@ -109,6 +109,11 @@ class PlainLines:
         print(f"[{now}] {text}; elapsed {elapsed}{rest}", file=self.stream, flush=True)
 
 
+def _count(x: float) -> str:
+    """12 for 12.0 (rich counts in floats), and a fraction as it is."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 @dataclass
 class _PlainTask:
     description: str
@@ -175,7 +180,7 @@ class PlainProgress:
         if t.completed == before or t.ended:
             return  # only work done prints
         now = time.perf_counter()
-        count = f"{t.completed:g}/{t.total:g}" if t.total is not None else f"{t.completed:g}"
+        count = _count(t.completed) + (f"/{_count(t.total)}" if t.total is not None else "")
         if t.total is not None and t.completed >= t.total:
             t.ended = True
             self.lines.line(t.says(f"{count} done in {duration(now - t.start)}"))

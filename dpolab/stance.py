@@ -6,21 +6,28 @@ cannot do letters (SmolLM2-135M answers "A" to almost everything), so `cloze` as
 and scores each option's text as the assistant's reply, "The answer is {option}." (summed log-prob, as in
 lm-evaluation-harness multiple-choice scoring). `auto` calibrates once and picks `cloze` when letters are near
 chance or collapse onto one letter.
+
+Readers are objects (`LetterReader`, `ClozeReader`) named in one registry, READERS; everything that depends on the
+reader (how an item is asked, how an option is named, what a stance answer looks like, how the stance is read)
+is a method of the reader. `auto` is not a reader but a choice between them, made once per model and item set and
+remembered here (`calibrated`), for the probes and the training contexts alike.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+from dpolab.banks import LETTERS, Item, spread
 from dpolab.errors import ConfigError
 from dpolab.models.generate import ChatModel, Conversation
 from dpolab.models.scoring import softmax
-from dpolab.banks import LETTERS, Item, spread
+from dpolab.registry import Registry
 
-READERS = ("letter", "cloze")
-STANCE_CHOICES = ("auto", *READERS)
+READERS = Registry("stance reader", {"letter": "dpolab.stance:LETTER", "cloze": "dpolab.stance:CLOZE"})
+STANCE_CHOICES = ("auto", *READERS.names())  # what --stance and the `stance` options take
 MCQ_INSTRUCTION = "Answer with the letter of the correct option only."
 NEAR_CHANCE_MARGIN = 0.10  # letter accuracy below chance + this is "near chance"
 MAX_TOP_LETTER_SHARE = 0.60  # more than this share of answers on one letter is a positional collapse
@@ -41,37 +48,79 @@ def mcq_text(item: Item) -> str:
     return f"{item.question}\n\n{options}\n\n{MCQ_INSTRUCTION}"
 
 
-def ask(item: Item, reader: str) -> str:
-    """The user turn that asks the item: with options for `letter`, the bare question for `cloze`."""
-    return mcq_text(item) if reader == "letter" else item.question
-
-
 def cloze_answer(option: str) -> str:
     """The assistant reply whose log-prob scores an option under the `cloze` reader."""
     return f"The answer is {option.strip().rstrip('.')}."
 
 
-def claim(item: Item, index: int, reader: str) -> str:
+@dataclass(frozen=True)
+class LetterReader:
+    """DuET-PD's reader: lettered options, the stance is the most probable valid letter."""
+
+    name: str = "letter"
+
+    def ask(self, item: Item) -> str:
+        return mcq_text(item)
+
+    def claim(self, item: Item, index: int) -> str:
+        """How an option is named to a model that has seen letters: "B: Paris"."""
+        return f"{LETTERS[index]}: {item.options[index].strip()}"
+
+    def answer(self, item: Item, index: int) -> str:
+        """The assistant's stance answer naming option `index`, as this reader scores it."""
+        return LETTERS[index]
+
+    def logps(self, model: ChatModel, conversations: Sequence[Conversation], items: Sequence[Item]) -> list[list[float]]:
+        width = max(len(it.options) for it in items)
+        logps = model.next_token_logprobs(conversations, list(LETTERS[:width]))
+        return [lp[: len(it.options)] for lp, it in zip(logps, items)]
+
+
+@dataclass(frozen=True)
+class ClozeReader:
+    """The bare question; each option's text is scored as the assistant's reply."""
+
+    name: str = "cloze"
+
+    def ask(self, item: Item) -> str:
+        return item.question
+
+    def claim(self, item: Item, index: int) -> str:
+        return item.options[index].strip()
+
+    def answer(self, item: Item, index: int) -> str:
+        return cloze_answer(item.options[index])
+
+    def logps(self, model: ChatModel, conversations: Sequence[Conversation], items: Sequence[Item]) -> list[list[float]]:
+        return model.score_continuations(conversations, [[cloze_answer(o) for o in it.options] for it in items])
+
+
+LETTER, CLOZE = LetterReader(), ClozeReader()
+StanceReader = LetterReader | ClozeReader
+
+
+def reader(name: str | StanceReader) -> StanceReader:
+    """The reader of that name (or the reader itself); an unknown name fails listing the valid ones."""
+    return name if isinstance(name, (LetterReader, ClozeReader)) else READERS.get(name)
+
+
+def ask(item: Item, by: str | StanceReader) -> str:
+    """The user turn that asks the item: with options for `letter`, the bare question for `cloze`."""
+    return reader(by).ask(item)
+
+
+def claim(item: Item, index: int, by: str | StanceReader) -> str:
     """How an option is named to the model: "B: Paris" when it has seen letters, "Paris" otherwise."""
-    text = item.options[index].strip()
-    return f"{LETTERS[index]}: {text}" if reader == "letter" else text
+    return reader(by).claim(item, index)
 
 
-def read(model: ChatModel, conversations: Sequence[Conversation], items: Sequence[Item], reader: str) -> list[Stance]:
+def read(model: ChatModel, conversations: Sequence[Conversation], items: Sequence[Item], by: str | StanceReader) -> list[Stance]:
     """The stance of each conversation, which must end with the user turn that asks its item.
 
     One batched call for all conversations: next-token log-probs (letter) or continuation log-probs (cloze).
     """
-    if reader == "letter":
-        width = max(len(it.options) for it in items)
-        logps = model.next_token_logprobs(conversations, list(LETTERS[:width]))
-        logps = [lp[: len(it.options)] for lp, it in zip(logps, items)]
-    elif reader == "cloze":
-        logps = model.score_continuations(conversations, [[cloze_answer(o) for o in it.options] for it in items])
-    else:
-        raise ConfigError(f"unknown stance reader {reader!r}; choose from {', '.join(READERS)}")
     out = []
-    for lp in logps:
+    for lp in reader(by).logps(model, conversations, items):
         probs = softmax(lp)
         out.append(Stance(choice=max(range(len(probs)), key=probs.__getitem__), probs=probs))
     return out
@@ -98,6 +147,11 @@ class Calibration:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def using(self) -> StanceReader:
+        """The chosen reader."""
+        return reader(self.reader)
+
 
 class ReaderChoice(NamedTuple):
     reader: str
@@ -120,8 +174,8 @@ def calibrate(model: ChatModel, items: Sequence[Item], *, requested: str = "auto
         raise ConfigError(f"unknown --stance {requested!r}; choose from {', '.join(STANCE_CHOICES)}")
     if requested != "auto":
         return Calibration(reader=requested, requested=requested, reason="chosen by --stance")
-    letter = read_neutral(model, items, "letter")
-    cloze = read_neutral(model, items, "cloze")
+    letter = read_neutral(model, items, LETTER)
+    cloze = read_neutral(model, items, CLOZE)
     n = len(items)
     letter_acc = sum(s.choice == it.answer for s, it in zip(letter, items)) / n
     cloze_acc = sum(s.choice == it.answer for s, it in zip(cloze, items)) / n
@@ -132,13 +186,31 @@ def calibrate(model: ChatModel, items: Sequence[Item], *, requested: str = "auto
                        letter_accuracy=letter_acc, top_letter_share=top_share, cloze_accuracy=cloze_acc)
 
 
+# model id -> {what the items are -> Calibration}; an entry leaves with its model (weakref.finalize), so a reused id
+# never finds another model's calibration.
+_CALIBRATIONS: dict[int, dict[tuple, Calibration]] = {}
+
+
+def calibrated(model: ChatModel, items: Sequence[Item], *, requested: str, key: tuple) -> Calibration:
+    """`calibrate`, remembered per model object and `key` (what the items are: source, seed, number), so `auto`'s
+    two reads happen once per model and item set in a process, whichever probe or training context asks first."""
+    if requested != "auto":
+        return calibrate(model, [], requested=requested)
+    if id(model) not in _CALIBRATIONS:
+        _CALIBRATIONS[id(model)] = {}
+        weakref.finalize(model, _CALIBRATIONS.pop, id(model), None)
+    known = _CALIBRATIONS[id(model)]
+    if key not in known:
+        known[key] = calibrate(model, items, requested="auto")
+    return known[key]
+
+
 def context_reader(model: ChatModel, ctx) -> Calibration:
-    """The run's reader, calibrated once on a spread of the run's items (CALIBRATION_ITEMS, capped by --limit)
-    and shared by every probe."""
-    if "calibration" not in ctx.cache:
-        items = spread(ctx.items, ctx.size(CALIBRATION_ITEMS), seed=ctx.seed)
-        ctx.cache["calibration"] = calibrate(model, items, requested=ctx.stance)
-    return ctx.cache["calibration"]
+    """The eval's reader, calibrated on a spread of its items (CALIBRATION_ITEMS, capped by --limit), the same for
+    every probe."""
+    n = ctx.size(CALIBRATION_ITEMS)
+    return calibrated(model, spread(ctx.items, n, seed=ctx.seed), requested=ctx.stance,
+                      key=("eval", ctx.items_source, tuple(it.id for it in ctx.items), ctx.seed, n))
 
 
 @dataclass(frozen=True)

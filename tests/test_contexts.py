@@ -317,7 +317,7 @@ def test_unknown_option_lists_the_valid_ones():
 @pytest.mark.parametrize("name, bad, message", [
     ("resist-only", {"turns": "three"}, "turns: Input should be a valid integer"),
     ("resist-only", {"techniques": ["evidence", "bribery"]}, "unknown technique"),
-    ("resist-only", {"stance": "letters"}, "stance: Input should be 'auto', 'letter' or 'cloze'"),
+    ("resist-only", {"stance": "letters"}, "unknown stance 'letters'; choose from auto, letter, cloze"),
     ("holistic", {"neg_pos_ratio": 0}, "neg_pos_ratio must be positive"),
     ("detox", {"k": 1}, "k must be at least 2"),
     ("detox", {"scorer": "profanty"}, "did you mean 'profanity'"),

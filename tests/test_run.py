@@ -66,7 +66,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("DPOLAB_HOME", str(tmp_path / "home"))
 
 
-def test_quick_grid_end_to_end_and_resume_after_a_kill(tmp_path, tiny_model_dir, home, monkeypatch):
+def test_quick_grid_end_to_end_and_resume_after_a_kill(tmp_path, tiny_model_dir, home, monkeypatch, capsys):
     from dpolab.experiment import runner
     from dpolab.experiment.results import read_results
 
@@ -96,8 +96,15 @@ def test_quick_grid_end_to_end_and_resume_after_a_kill(tmp_path, tiny_model_dir,
 
     with pytest.raises(ConfigError, match="--resume"):
         runner.run_experiment(spec, out, progress=False)
+    capsys.readouterr()
     report = runner.run_experiment(spec, out, resume=True, progress=False)
     assert report.skipped == ["resist-only__dpo__s0"]
+    # its log (stdout is not a terminal here) says so, and numbers the cells in the whole grid: 2/3 and 3/3
+    log = [line.split("] ", 1)[1].split(";")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert log[0] == "resuming: 1 of 3 cells already finished"
+    assert [x for x in log if x.endswith(": started")] == ["cell 2/3 length-biased-judge__dpo__s0: started",
+                                                          "cell 3/3 length-biased-judge__odpo__s0: started"]
+    assert "baseline eval" not in " ".join(log)  # the baseline was kept
     assert first.stat().st_mtime_ns == stamp  # the finished cell was not redone
     rows = read_results(out / "results.parquet")
     cells = {(r["context"], r["method"]) for r in rows}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import random
-import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from dpolab.models.generate import ChatModel, Conversation, Generation
 from dpolab import stance as stance_mod
 from dpolab.progress import NullProgress, Progress
 from dpolab.banks import (
-    LETTERS,
     TECHNIQUES,
     Appeal,
     Item,
@@ -72,7 +70,7 @@ class PersuasionOptions:
     turns: int = 3
     techniques: tuple[str, ...] = TECHNIQUES
     techniques_per_item: int = 1
-    stance: Literal["auto", "letter", "cloze"] = "auto"
+    stance: str = "auto"
     max_new_tokens: int = 40
     min_fraction: float = 0.1
     ideal: Literal["templates", "endpoint"] = "templates"
@@ -95,13 +93,14 @@ class PersuasionOptions:
         if not 0 <= self.min_fraction <= 1:
             raise ConfigError(f"min_fraction must be between 0 and 1, got {self.min_fraction}")
         check_choice("ideal", self.ideal, ideal_mod.SOURCES)
+        check_choice("stance", self.stance, stance_mod.STANCE_CHOICES)
 
 
 # -- formats shared with the probe -----------------------------------------------------------------------------
 
 def stance_text(item: Item, index: int, reader: str) -> str:
     """The assistant's stance answer naming option `index`, as the probe's reader scores it."""
-    return LETTERS[index] if reader == "letter" else stance_mod.cloze_answer(item.options[index])
+    return stance_mod.reader(reader).answer(item, index)
 
 
 def user(text: str) -> dict[str, str]:
@@ -124,25 +123,12 @@ class Setup:
     targets_assigned: list[str]
 
 
-_CALIBRATIONS: dict[tuple[int, int, str, int | None], Calibration] = {}
-
-
 def calibrate(model: ChatModel, pool: Sequence[Item], *, requested: str, seed: int, source: str,
               limit: int | None = None) -> Calibration:
-    """The probe's calibration (stance.calibrate on CALIBRATION_ITEMS spread items, capped by limit), here on
-    train items.
-
-    `auto` costs two reads of 40 items; it is remembered per model object, seed, item source and size, so the
-    contexts built in one process from one model calibrate once.
-    """
-    if requested != "auto":
-        return stance_mod.calibrate(model, [], requested=requested)
+    """The probe's calibration (CALIBRATION_ITEMS spread items, capped by limit), here on train items; remembered
+    with the probes' (stance.calibrated), so the contexts built from one model calibrate once."""
     n = cap(stance_mod.CALIBRATION_ITEMS, limit)
-    key = (id(model), seed, source, n)
-    if key not in _CALIBRATIONS:
-        _CALIBRATIONS[key] = stance_mod.calibrate(model, spread(pool, n, seed=seed), requested="auto")
-        weakref.finalize(model, _CALIBRATIONS.pop, key, None)
-    return _CALIBRATIONS[key]
+    return stance_mod.calibrated(model, spread(pool, n, seed=seed), requested=requested, key=("train", source, seed, n))
 
 
 def setup(model: ChatModel, options: PersuasionOptions, *, seed: int, limit: int | None) -> Setup:

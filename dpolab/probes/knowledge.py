@@ -46,7 +46,7 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     calibration = stance_mod.context_reader(model, ctx)
     reader = calibration.reader
     items = spread(ctx.items, ctx.size(options.n_items), seed=ctx.seed)
-    readers = stance_mod.READERS if options.both_readers else (reader,)
+    readers = tuple(stance_mod.READERS.names()) if options.both_readers else (reader,)
     task = ctx.progress.task("knowledge", total=len(readers) + 1)
     stances = {}
     for r in readers:
