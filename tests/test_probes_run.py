@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import dpolab.banks as items_mod
 from dpolab.errors import ConfigError
-from dpolab.probes import PROBES, run_eval
 from dpolab.models.fake import FakeChatModel
-from dpolab.probes.run import default_probes, default_sizes
+from dpolab.probes import PROBES, default_probes, run_eval
+from dpolab.probes.run import default_sizes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "probes"
 

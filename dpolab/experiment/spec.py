@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from dpolab import DEFAULT_MODEL
 from dpolab.config import StrictModel, TrainConfig, load_config
 from dpolab.errors import ConfigError
+from dpolab.probes import default_probes
 
 # Keys of TrainConfig that the runner sets for each cell; a spec can't set them.
 RUNNER_KEYS = {"model", "data", "out", "seed", "progress"}
@@ -32,15 +33,8 @@ class ContextEntry(StrictModel):
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this context's cells (e.g. epochs)")
 
 
-def default_probe_names() -> list[str]:
-    """The probes that declare themselves default-on (dpolab.probes.PROBES), in registry order."""
-    from dpolab.probes import PROBES
-
-    return [n for n in PROBES.names() if PROBES.get(n).default]
-
-
 class ProbesSpec(StrictModel):
-    names: list[str] = Field(default_factory=default_probe_names, description="probes to run (default: every default probe)")
+    names: list[str] = Field(default_factory=default_probes, description="probes to run (default: every default probe)")
     sizes: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-probe options, e.g. persuasion: {n_items: 40}")
     limit: int | None = Field(None, ge=1, description="cap on items per probe")
     stance: str = "auto"
@@ -149,7 +143,7 @@ def _declared_quick(data: dict[str, Any]) -> dict[str, Any]:
         contexts[name] = entry
     out["contexts"] = contexts
     probes = dict(data.get("probes") or {})
-    names = probes.get("names") or default_probe_names()
+    names = probes.get("names") or default_probes()
     sizes = dict(probes.get("sizes") or {})
     for name in names:
         if name in PROBES and PROBES.get(name).quick:

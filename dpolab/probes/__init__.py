@@ -12,6 +12,12 @@ PROBES = Registry("probe", {
 })
 
 
+def default_probes() -> list[str]:
+    """The probes that declare themselves default-on (`ProbeSpec.default`), in registry order: what `dpolab eval`
+    and a spec without probe names run."""
+    return [n for n in PROBES.names() if PROBES.get(n).default]
+
+
 def __getattr__(name: str):
     # run_eval is imported on first use, so `import dpolab.probes` (for the names) does not import torch
     if name == "run_eval":
@@ -21,4 +27,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dpolab.probes' has no attribute {name!r}")
 
 
-__all__ = ["PROBES", "run_eval"]
+__all__ = ["PROBES", "default_probes", "run_eval"]

@@ -45,17 +45,10 @@ def default_sizes() -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(PROBES.get(name).options()) for name in PROBES.names()}
 
 
-def default_probes() -> list[str]:
-    """The probes that declare themselves default-on, in registry order."""
-    from dpolab.probes import PROBES
-
-    return [n for n in PROBES.names() if PROBES.get(n).default]
-
-
 def parse_probes(probes: str | Sequence[str] | None) -> list[str]:
     """Probe names from a list or a comma-separated string (default: the default probes), checked against the
     registry, in run order: probes that declare `runs_last` after the others."""
-    from dpolab.probes import PROBES
+    from dpolab.probes import PROBES, default_probes
 
     names = default_probes() if probes is None else (
         [p.strip() for p in probes.split(",")] if isinstance(probes, str) else list(probes))
