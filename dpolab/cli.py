@@ -8,7 +8,12 @@ import typer
 from dpolab import DEFAULT_MODEL
 from dpolab.bench.train import SYSTEMS as BENCH_SYSTEMS
 from dpolab.errors import DpolabError
+from dpolab.models.backends import BACKEND_CHOICES
 from dpolab.stance import READERS, STANCE_CHOICES
+
+BACKEND_HELP = (f"inference engine: {', '.join(BACKEND_CHOICES)} (auto: vllm for a model on a GPU when it is installed, "
+                "otherwise hf)")
+INT8_HELP = "ctranslate2 with 8-bit weights: faster, but not the model that was trained; marked in the results"
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Does preference optimization improve or harm a model's behaviour?")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate preference data.")
@@ -140,6 +145,8 @@ def run(
     out: str = typer.Option(None, help="output folder (default runs/experiment-<time>)"),
     quick: bool = typer.Option(False, "--quick", help="the spec's small variant (minutes, not half an hour)"),
     resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out, skipping finished cells"),
+    backend: str = typer.Option(None, "--backend", help=BACKEND_HELP + "; overrides the spec's backend:"),
+    int8: bool = typer.Option(None, "--int8", help=INT8_HELP),
 ) -> None:
     """Does DPO improve or harm the model? Train every (context, method, seed) cell, evaluate, compare, report."""
     import time
@@ -149,7 +156,8 @@ def run(
 
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR", param_hint="--resume")
-    loaded = load_spec(spec, quick=quick)
+    overrides = {k: v for k, v in {"backend": backend, "int8": int8}.items() if v is not None}
+    loaded = load_spec(spec, quick=quick, overrides=overrides)
     out = out or f"runs/experiment-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         report = run_experiment(loaded, out, resume=resume, quick=quick)
@@ -190,7 +198,9 @@ def eval_(
     stance: str = typer.Option("auto", "--stance", help=f"how MCQ answers are read: {', '.join(STANCE_CHOICES)} (auto: calibrated)"),
     seed: int = typer.Option(0, "--seed", help="seeds sampling, item selection and bootstrap"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="conversations per generate call"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    int8: bool = typer.Option(False, "--int8", help=INT8_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's choice)"),
     set_: list[str] = typer.Option([], "--set", help="probe option: --set persuasion.turns=2 --set toxicity.k=4"),
     all_metrics: bool = typer.Option(False, "--all-metrics", help="print the by-technique/domain/category breakdowns too"),
 ) -> None:
@@ -216,7 +226,7 @@ def eval_(
     console = Console(stderr=True)
     with progress_display(console) as bars:  # bars on a terminal, plain lines in a log
         summary = run_eval(model, probes=probes, items=items, limit=limit, out=out, seed=seed, sizes=sizes,
-                           stance=stance, batch_size=batch_size, progress=bars)
+                           stance=stance, batch_size=batch_size, backend=backend, int8=int8, progress=bars)
     table_console = Console(width=None if sys.stdout.isatty() else 120)
     table_console.print(summary_table(summary, headline_only=not all_metrics))
     found = summary.probe("self_report")
@@ -227,6 +237,40 @@ def eval_(
 
 @bench_app.command("eval")
 def bench_eval_cmd(
+    backend: str = typer.Option("ctranslate2", "--backend", help="the backend set against hf: "
+                                + ", ".join(b for b in BACKEND_CHOICES if b not in ("auto", "hf"))),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="built-in name or local Hugging Face folder"),
+    probes: str | None = typer.Option(None, "--probes", help=_probe_help() + " (default: the default eval)"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most N items, prompts or instructions per probe"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="conversations per generate call, both backends"),
+    int8: bool = typer.Option(False, "--int8", help=INT8_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's choice)"),
+    json_path: str | None = typer.Option(None, "--json", help="also write the result as JSON to this file"),
+) -> None:
+    """The default eval on hf and on another backend in one run: time per probe, speedup, and how far they agree."""
+    from rich.console import Console
+
+    from dpolab.bench.eval import bench_backends, format_table
+    from dpolab.io import atomic_write_json
+    from dpolab.progress import progress_display
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    with progress_display(Console(stderr=True)) as bars:
+        report = bench_backends(model, backend=backend, probes=probes, limit=limit, batch_size=batch_size, seed=seed,
+                                int8=int8, progress=bars, echo=lambda line: typer.echo(line, err=True))
+    for line in format_table(report):
+        typer.echo(line)
+    if json_path:
+        atomic_write_json(json_path, report)
+        typer.echo(f"wrote {json_path}")
+
+
+@bench_app.command("batching")
+def bench_batching_cmd(
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="built-in name or local Hugging Face folder"),
     n_items: int = typer.Option(4, "--items", min=1, help="test items; each runs once per technique"),
     techniques: str | None = typer.Option(None, "--techniques", help="comma-separated appeal techniques (default: all 7)"),
@@ -239,11 +283,11 @@ def bench_eval_cmd(
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)"),
     json_path: str | None = typer.Option(None, "--json", help="also write the result as JSON to this file"),
 ) -> None:
-    """The persuasion probe, all dialogues batched, against one dialogue at a time: speedup and transcript identity."""
+    """The persuasion probe, all dialogues batched, against one dialogue at a time (hf backend): speedup and identity."""
     from rich.console import Console
 
     from dpolab.io import atomic_write_json
-    from dpolab.probes.bench import bench_eval
+    from dpolab.bench.batching import bench_batching
     from dpolab.banks import TECHNIQUES
     from dpolab.progress import progress_display
 
@@ -253,7 +297,7 @@ def bench_eval_cmd(
         torch.set_num_threads(threads)
     techs = tuple(t.strip() for t in techniques.split(",") if t.strip()) if techniques else TECHNIQUES
     with progress_display(Console(stderr=True)) as bars:
-        result = bench_eval(model, n_items=n_items, techniques=techs, turns=turns, max_new_tokens=max_new_tokens,
+        result = bench_batching(model, n_items=n_items, techniques=techs, turns=turns, max_new_tokens=max_new_tokens,
                             batch_size=batch_size, reader=stance, dtype=dtype, progress=bars)
     r = result.to_json()
     typer.echo(f"{r['dialogues']} dialogues x {r['turns']} turns, {r['reader']} reader")

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from dpolab.banks import LETTERS, Item, spread
 from dpolab.errors import ConfigError
-from dpolab.models.generate import ChatModel, Conversation
+from dpolab.models.chat import ChatModel, Conversation
 from dpolab.models.scoring import softmax
 from dpolab.registry import Registry
 

@@ -471,7 +471,7 @@ def test_real_model_builds_a_small_resist_only_context(real_model_dir, tmp_path)
     path = build_context("resist-only", model, options={"n_items": 4, "turns": 1, "stance": "cloze",
                                                          "max_new_tokens": 16},
                          cache_dir=tmp_path, model_id="smollm2-135m-instruct")
-    pairs = read_pairs(path, tokenizer=model.tokenizer).pairs
+    pairs = read_pairs(path, tokenizer=model.format.tokenizer).pairs
     info = load_info(path)
     assert len(pairs) == info["pairs"] >= 4  # a baseline pair per item, plus the NEG pairs
     assert {p.meta["kind"] for p in pairs} >= {"baseline"}

@@ -5,8 +5,13 @@ import math
 
 import pytest
 
-from dpolab.experiment.results import compare
-from dpolab.stats import verdict
+from dpolab.experiment.results import COLUMNS, ResultRow, compare
+from dpolab.stats import Verdict, verdict
+
+
+def result_row(**fields) -> ResultRow:
+    """A results row with the given fields; the others empty and the verdict unclear unless given."""
+    return ResultRow(**({c: None for c in COLUMNS} | {"verdict": Verdict.UNCLEAR} | fields))
 
 
 @pytest.mark.parametrize("lo, hi, hib, expected", [
@@ -41,34 +46,64 @@ def test_compare_pairs_items_and_finds_a_clear_drop():
                   ("toxicity", "echo_rate"): {i: float((k + 1) % 2) for k, i in enumerate(ids)}}
     base = _summary({"mean_score": 0.32, "echo_rate": 0.5})
     cell = _summary({"mean_score": 0.22, "echo_rate": 0.5})
-    rows = {r["metric"]: r for r in compare(base, cell, base_items, cell_items, seed=0, n_boot=500)}
+    rows = {r.metric: r for r in compare(base, cell, base_items, cell_items, context="detox", method="dpo", seed=0,
+                                         n_boot=500)}
     tox = rows["mean_score"]
-    assert tox["delta"] == pytest.approx(-0.1)
-    assert tox["delta_ci_low"] == pytest.approx(-0.1) and tox["delta_ci_high"] == pytest.approx(-0.1)
-    assert tox["verdict"] == "improved" and tox["baseline"] == 0.32
+    assert tox.cell == ("detox", "dpo", 0)
+    assert tox.delta == pytest.approx(-0.1)
+    assert tox.delta_ci_low == pytest.approx(-0.1) and tox.delta_ci_high == pytest.approx(-0.1)
+    assert tox.verdict == "improved" and tox.baseline == 0.32
     # echo flips on every item but its mean is unchanged: the CI straddles zero
-    assert rows["echo_rate"]["verdict"] == "no clear change"
-    assert rows["echo_rate"]["delta_ci_low"] < 0 < rows["echo_rate"]["delta_ci_high"]
+    assert rows["echo_rate"].verdict == "no clear change"
+    assert rows["echo_rate"].delta_ci_low < 0 < rows["echo_rate"].delta_ci_high
 
 
 def test_results_parquet_round_trip(tmp_path):
-    from dpolab.experiment.results import COLUMNS, read_results, write_results
+    import math
 
-    row = {c: None for c in COLUMNS} | {"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score",
-                                         "value": 0.1, "delta": -0.05, "higher_is_better": False, "verdict": "improved", "n": 3}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpolab.experiment.results import COLUMNS, read_results, read_rows_json, write_results
+    from dpolab.io import atomic_write_json
+
+    row = result_row(context="detox", method="dpo", seed=0, probe="toxicity", metric="mean_score", value=0.1,
+                     delta=-0.05, delta_ci_low=float("nan"), higher_is_better=False, verdict="improved", n=3)
+    assert row.verdict is Verdict.IMPROVED
     write_results([row], tmp_path / "results.parquet")
-    back = read_results(tmp_path / "results.parquet")
-    assert back[0]["verdict"] == "improved" and back[0]["seed"] == 0
+    (back,) = read_results(tmp_path / "results.parquet")
+    assert back.verdict is Verdict.IMPROVED and back.seed == 0 and back.ci_low is None and math.isnan(back.delta_ci_low)
+    assert back.model_dump(exclude={"delta_ci_low"}) == row.model_dump(exclude={"delta_ci_low"})
+    schema = pq.read_schema(tmp_path / "results.parquet")
+    assert schema.names == COLUMNS
+    assert [schema.field(c).type for c in ("context", "seed", "n", "higher_is_better", "verdict", "value")] == [
+        pa.string(), pa.int64(), pa.int64(), pa.bool_(), pa.string(), pa.float64()]
+    assert pq.read_table(tmp_path / "results.parquet").column("verdict").to_pylist() == ["improved"]
     assert (tmp_path / "results.csv").read_text().splitlines()[0].split(",") == COLUMNS
+    atomic_write_json(tmp_path / "rows.json", [row.record()])  # a cell's rows, as the runner writes them
+    (again,) = read_rows_json(tmp_path / "rows.json")
+    assert math.isnan(again.delta_ci_low) and again.verdict is Verdict.IMPROVED
+
+
+def test_a_bad_result_row_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="verdict"):
+        result_row(context="detox", method="dpo", seed=0, probe="toxicity", metric="m", verdict="better")
+    with pytest.raises(ValidationError, match="seed"):
+        ResultRow.model_validate({c: None for c in COLUMNS} | {"context": "d", "method": "m", "probe": "p", "metric": "x",
+                                                           "verdict": "improved"})
+    with pytest.raises(ValidationError, match="extra"):
+        result_row(context="d", method="m", seed=0, probe="p", metric="x", colour="red")
 
 
 def test_headlines_name_what_moved():
     from dpolab.experiment.summary import headlines
 
-    rows = [{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.15,
-             "value": 0.05, "delta": -0.1, "delta_ci_low": -0.12, "delta_ci_high": -0.07, "verdict": "improved"},
-            {"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
-             "value": 48, "delta": 8, "delta_ci_low": 3, "delta_ci_high": 12, "verdict": "harmed"}]
+    rows = [result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.15,
+             "value": 0.05, "delta": -0.1, "delta_ci_low": -0.12, "delta_ci_high": -0.07, "verdict": "improved"}),
+            result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
+             "value": 48, "delta": 8, "delta_ci_low": 3, "delta_ci_high": 12, "verdict": "harmed"})]
     (s,) = headlines(rows)
     assert s.startswith("dpo on detox: improved toxicity 0.15 → 0.05") and "harmed reply length" in s
 
@@ -77,8 +112,8 @@ def test_seed_findings_follow_the_sign_of_the_ci():
     from dpolab.experiment.summary import seed_findings
 
     def row(context, probe, metric, lo, hi):
-        return {"context": context, "method": "dpo", "seed": 0, "probe": probe, "metric": metric, "baseline": 0.5,
-                "value": 0.5 + (lo + hi) / 2, "delta": (lo + hi) / 2, "delta_ci_low": lo, "delta_ci_high": hi, "n": 10}
+        return result_row(**{"context": context, "method": "dpo", "seed": 0, "probe": probe, "metric": metric, "baseline": 0.5,
+                "value": 0.5 + (lo + hi) / 2, "delta": (lo + hi) / 2, "delta_ci_low": lo, "delta_ci_high": hi, "n": 10})
 
     rows = [row("detox", "toxicity", "mean_score", -0.1, -0.02),             # expected fall, fell
             row("length-biased-judge", "verbosity", "mean_tokens", -9, -2),  # expected rise, fell
@@ -96,9 +131,9 @@ def test_seed_findings_follow_the_sign_of_the_ci():
 def test_seed_findings_and_matrix_use_the_last_turn_run():
     from dpolab.experiment.summary import headlines, seed_findings
 
-    rows = [{"context": "please-user", "method": "dpo", "seed": 0, "probe": "persuasion", "metric": m, "baseline": 0.5,
+    rows = [result_row(**{"context": "please-user", "method": "dpo", "seed": 0, "probe": "persuasion", "metric": m, "baseline": 0.5,
              "value": 0.8, "delta": 0.3, "delta_ci_low": lo, "delta_ci_high": 0.5, "n": 8,
-             "verdict": "harmed" if lo > 0 else "no clear change"}
+             "verdict": "harmed" if lo > 0 else "no clear change"})
             for m, lo in (("neg_flip@1", -0.1), ("neg_flip@2", 0.1), ("neg_flip@2|technique=evidence", 0.1))]
     (f,) = seed_findings(rows)
     assert f["metric"] == "persuasion · neg_flip@2" and f["status"] == "reproduced"
@@ -113,15 +148,15 @@ def test_matrix_prints_every_delta_wide_or_narrow(width):
 
     from dpolab.experiment.summary import print_matrix
 
-    rows = [{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.125,
-             "value": 0.063, "delta": -0.062, "delta_ci_low": -0.14, "delta_ci_high": 0.003, "verdict": "no clear change"},
-            {"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
-             "value": 48, "delta": 8.25, "delta_ci_low": 3.5, "delta_ci_high": 12.75, "verdict": "harmed"}]
+    rows = [result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.125,
+             "value": 0.063, "delta": -0.062, "delta_ci_low": -0.14, "delta_ci_high": 0.003, "verdict": "no clear change"}),
+            result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
+             "value": 48, "delta": 8.25, "delta_ci_low": 3.5, "delta_ci_high": 12.75, "verdict": "harmed"})]
     from dpolab.experiment.summary import behaviours
 
     # every other headline behaviour measured too, unchanged: the matrix has all its columns
-    rows += [{"context": "detox", "method": "dpo", "seed": 0, "probe": b.probe, "metric": b.metric, "baseline": 0.5,
-              "value": 0.5, "delta": 0.0, "delta_ci_low": -0.01, "delta_ci_high": 0.01, "verdict": "no clear change"}
+    rows += [result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": b.probe, "metric": b.metric, "baseline": 0.5,
+              "value": 0.5, "delta": 0.0, "delta_ci_low": -0.01, "delta_ci_high": 0.01, "verdict": "no clear change"})
              for b in behaviours() if b.probe not in ("toxicity", "verbosity")]
     out = io.StringIO()
     print_matrix(rows, Console(file=out, width=width, color_system=None))

@@ -46,9 +46,9 @@ def test_a_new_probe_and_context_show_up_everywhere(registered, tiny_model_dir, 
     out = tmp_path / "run"
     runner.run_experiment(load_spec(path), out, progress=False)
     rows = read_results(out / "results.parquet")
-    mine = [r for r in rows if r["probe"] == "reply_words"]
-    assert [(r["context"], r["metric"]) for r in mine] == [("prefer-short", "words")]
-    assert mine[0]["higher_is_better"] is False and mine[0]["verdict"] in ("improved", "harmed", "no clear change")
+    mine = [r for r in rows if r.probe == "reply_words"]
+    assert [(r.context, r.metric) for r in mine] == [("prefer-short", "words")]
+    assert mine[0].higher_is_better is False and mine[0].verdict in ("improved", "harmed", "no clear change")
     printed = io.StringIO()
     print_matrix(rows, Console(file=printed, width=400, color_system=None))
     assert "words per reply" in printed.getvalue() and "prefer-short" in printed.getvalue()

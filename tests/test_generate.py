@@ -41,10 +41,11 @@ def test_batched_greedy_equals_one_at_a_time(loaded):
 
 def test_stops_at_end_of_turn_and_flags_the_limit(loaded):
     model = HFChatModel(loaded, prefix_cache_bytes=0)
-    eot = model.end_of_turn_id
+    fmt = model.format
+    eot = fmt.end_of_turn_id
     # A reply that hits the limit is flagged; one that ends at the end-of-turn token is not, and drops it.
-    assert model._finish([5, 6, 7], 3) == Generation(text=model.tokenizer.decode([5, 6, 7]), n_tokens=3, hit_limit=True)
-    done = model._finish([5, eot, eot], 3)
+    assert fmt.reply([5, 6, 7], 3) == Generation(text=fmt.tokenizer.decode([5, 6, 7]), n_tokens=3, hit_limit=True)
+    done = fmt.reply([5, eot, eot], 3)
     assert done.n_tokens == 1 and not done.hit_limit and "<|im_end|>" not in done.text
     for g in model.generate(CONVS, max_new_tokens=6):
         assert g.n_tokens <= 6 and g.hit_limit == (g.n_tokens == 6)
@@ -54,7 +55,7 @@ def test_forcing_the_end_of_turn_token_stops_generation(loaded):
     model = HFChatModel(loaded, prefix_cache_bytes=0)
     with torch.no_grad():  # make the end-of-turn token the argmax everywhere
         bias = torch.zeros(loaded.model.config.vocab_size)
-        bias[model.end_of_turn_id] = 1e4
+        bias[model.format.end_of_turn_id] = 1e4
         handle = loaded.model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
     try:
         out = model.generate(CONVS, max_new_tokens=8)
@@ -76,8 +77,8 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(loaded):
 
 
 def _manual_logprob(loaded, model: HFChatModel, conv, text) -> float:
-    prompt = model.prompt_ids(conv)
-    cont = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = model.format.prompt_ids(conv)
+    cont = model.format.tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + cont])
     with torch.no_grad():
         logps = loaded.model(input_ids=ids).logits[0, :-1].log_softmax(-1)  # (T-1, V)
@@ -101,31 +102,31 @@ def test_grouped_and_flat_scoring_agree(loaded, block):
     prompt + continuation in full; tails of different lengths, one of a single token, a different count per prompt."""
     assert loaded.model.config._attn_implementation == "sdpa"  # the default path is the block mask
     model = HFChatModel(loaded, prefix_cache_bytes=0)
-    prompts = [model.prompt_ids(c) for c in CONVS]
+    prompts = [model.format.prompt_ids(c) for c in CONVS]
     texts = [["The answer is A.", "The answer is B, surely."], ["The answer is A.", "The answer is C", "The answer is Q!"],
              ["no", "yes, it is", "x"]]
-    conts = [[model._ids(t) for t in row] for row in texts]
-    grouped = scoring.grouped_continuation_logprobs(loaded.model, prompts, conts, pad_id=model.pad_id, batch_size=2,
+    conts = [[model.format.ids(t) for t in row] for row in texts]
+    grouped = scoring.grouped_continuation_logprobs(loaded.model, prompts, conts, pad_id=model.format.pad_id, batch_size=2,
                                                     block=block)
     flat = scoring.continuation_logprobs(loaded.model, [p for p, cs in zip(prompts, conts) for _ in cs],
-                                         [c for cs in conts for c in cs], pad_id=model.pad_id, batch_size=3)
+                                         [c for cs in conts for c in cs], pad_id=model.format.pad_id, batch_size=3)
     assert [x for row in grouped for x in row] == pytest.approx(flat, rel=RTOL)
 
 
 def test_next_token_logprobs_match_a_full_softmax(loaded):
     model = HFChatModel(loaded, prefix_cache_bytes=0)
     got = model.next_token_logprobs(CONVS, ["A", "B", "C"])
-    ids = model.candidate_ids(["A", "B", "C"])
+    ids = model.format.candidate_ids(["A", "B", "C"])
     for conv, row in zip(CONVS, got):
         with torch.no_grad():
-            logps = loaded.model(input_ids=torch.tensor([model.prompt_ids(conv)])).logits[0, -1].log_softmax(-1)
+            logps = loaded.model(input_ids=torch.tensor([model.format.prompt_ids(conv)])).logits[0, -1].log_softmax(-1)
         assert row == pytest.approx([float(logps[i]) for i in ids], rel=RTOL)
 
 
 def test_candidates_must_be_single_distinct_tokens(loaded):
     model = HFChatModel(loaded)
     with pytest.raises(ValueError, match="not one"):
-        model.candidate_ids(["AB"])  # two bytes, two tokens in the byte-level tokenizer
+        model.format.candidate_ids(["AB"])  # two bytes, two tokens in the byte-level tokenizer
 
 
 def test_prefix_cache_gives_the_same_dialogue(loaded):

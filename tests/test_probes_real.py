@@ -245,3 +245,41 @@ def test_self_report_on_the_embedded_model(chat, tmp_path):
     assert all(max(r["probs"]) > 0.4 for r in recs)
     assert len({round(r["raw_rating"], 6) for r in recs}) > 1
     assert probe.beside["verbosity"]["measured"] == summary.metric("verbosity", "mean_tokens").value
+
+
+@pytest.mark.real_model
+def test_probes_on_the_ctranslate2_backend(real_model_dir):
+    """Three probes end to end on CTranslate2 beside hf (`dpolab bench eval`): greedy replies are identical except
+    where they part at a near-tie of the exact (float64) logits, and the scores agree to fp32 precision."""
+    import json
+
+    import torch
+
+    from dpolab.bench.eval import bench_backends
+    from dpolab.models.load import load_model
+
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    sizes = {"persuasion": {"techniques": ("evidence",), "turns": 1, "max_new_tokens": 16},
+             "verbosity": {"max_new_tokens": 48}, "toxicity": {"k": 1, "max_new_tokens": 16}}
+    keep: dict = {}
+    report = bench_backends(str(real_model_dir), backend="ctranslate2", probes="persuasion,verbosity,toxicity",
+                            sizes=sizes, limit=3, batch_size=8, echo=lambda line: None, keep=keep)
+    assert report["backends"]["ctranslate2"]["engine"] == "ctranslate2 float32 + torch scoring"
+    assert set(report["backends"]["ctranslate2"]["probe_seconds"]) == {"persuasion", "verbosity", "toxicity"}
+    agree = report["agreement"]
+    assert agree["greedy_replies"] >= 9 and agree["sampled_replies"]["other"] == agree["sampled_replies"]["hf"] > 0
+    assert agree["max_logprob_diff"] is not None and agree["max_logprob_diff"] <= 1e-3
+    hf, ct = keep["hf"], keep["ctranslate2"]
+    exact = load_model(str(real_model_dir), dtype="float64")
+    fmt = HFChatModel(exact, prefix_cache_bytes=0).format
+    for key, text in hf.greedy.items():
+        other = ct.greedy.get(key)
+        if other is None or other == text:
+            continue  # the same reply, or a request this run never made because an earlier reply differed
+        conv, _ = json.loads(key)
+        a, b = fmt.ids(text), fmt.ids(other)
+        j = next(j for j in range(min(len(a), len(b)) + 1) if j == min(len(a), len(b)) or a[j] != b[j])
+        with torch.inference_mode():
+            logits = exact.model(input_ids=torch.tensor([fmt.prompt_ids(conv) + a[:j]])).logits[0, -1]
+        x, y = (a[j] if j < len(a) else fmt.end_of_turn_id), (b[j] if j < len(b) else fmt.end_of_turn_id)
+        assert abs(float(logits[x] - logits[y])) < 1e-3, f"replies part at token {j} without a near-tie"

@@ -224,10 +224,9 @@ def make_experiment(out: Path, *, missing_knowledge_in: str = "detox__dpo__s0") 
         _write_eval(cell / "eval", name, skip=("knowledge",) if name == missing_knowledge_in else ())
         _train_log(cell / "train" / "metrics.jsonl", PROFILES[name]["steps"], i)
         summary = EvalSummary.read(cell / "eval" / "summary.json")
-        cell_rows = [{"context": context, "method": method, "seed": seed, **r}
-                     for r in compare(baseline, summary, per_item_values(out / "baseline"), per_item_values(cell / "eval"),
-                                      seed=seed, n_boot=200)]
-        (cell / "rows.json").write_text(json.dumps(cell_rows))
+        cell_rows = compare(baseline, summary, per_item_values(out / "baseline"), per_item_values(cell / "eval"),
+                            context=context, method=method, seed=seed, n_boot=200)
+        (cell / "rows.json").write_text(json.dumps([r.record() for r in cell_rows]))
         (cell / "cell.json").write_text(json.dumps({"context": context, "method": method, "seed": seed,
                                                     "data": f"contexts/{context}/pairs.jsonl", "train_steps": 40,
                                                     "rows": len(cell_rows)}))
@@ -379,8 +378,8 @@ def test_report_from_real_probe_output(tmp_path):
     base = run_eval(model(""), out=out / "baseline", limit=3, n_boot=100, sizes=sizes)
     cell_dir = out / "cells" / "detox__dpo__s0"
     cell = run_eval(model(" and more words here"), out=cell_dir / "eval", limit=3, n_boot=100, sizes=sizes)
-    rows = [{"context": "detox", "method": "dpo", "seed": 0, **r}
-            for r in compare(base, cell, per_item_values(out / "baseline"), per_item_values(cell_dir / "eval"), seed=0, n_boot=100)]
+    rows = compare(base, cell, per_item_values(out / "baseline"), per_item_values(cell_dir / "eval"), context="detox",
+                   method="dpo", seed=0, n_boot=100)
     write_results(rows, out / "results.parquet")
     html = write_report(out).read_text(encoding="utf-8")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html

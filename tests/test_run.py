@@ -107,10 +107,10 @@ def test_quick_grid_end_to_end_and_resume_after_a_kill(tmp_path, tiny_model_dir,
     assert "baseline eval" not in " ".join(log)  # the baseline was kept
     assert first.stat().st_mtime_ns == stamp  # the finished cell was not redone
     rows = read_results(out / "results.parquet")
-    cells = {(r["context"], r["method"]) for r in rows}
+    cells = {(r.context, r.method) for r in rows}
     assert cells == {("resist-only", "dpo"), ("length-biased-judge", "dpo"), ("length-biased-judge", "odpo")}
-    assert {r["verdict"] for r in rows} <= {"improved", "harmed", "no clear change"}
-    assert all(r["baseline"] is not None for r in rows if r["metric"] == "acc@0")
+    assert {r.verdict for r in rows} <= {"improved", "harmed", "no clear change"}
+    assert all(r.baseline is not None for r in rows if r.metric == "acc@0")
     html = (out / "report.html").read_text()
     assert "length-biased-judge" in html and "resist-only" in html
     pairs = list((out / "contexts").glob("length-biased-judge-*.jsonl"))  # the scores ODPO trained on
@@ -134,10 +134,10 @@ def test_run_and_compare_commands(tmp_path, tiny_model_dir, home):
 
     # the printed matrix carries every headline delta and CI of the run's results.parquet
     heads = {(b.probe, b.metric) for b in behaviours()}
-    shown = [r for r in read_results(tmp_path / "a" / "results.parquet") if (r["probe"], r["metric"]) in heads]
+    shown = [r for r in read_results(tmp_path / "a" / "results.parquet") if (r.probe, r.metric) in heads]
     assert shown
     for r in shown:
-        assert f"{r['delta']:+.3f}" in a.output and f"[{r['delta_ci_low']:+.3f}," in a.output
+        assert f"{r.delta:+.3f}" in a.output and f"[{r.delta_ci_low:+.3f}," in a.output
     spec["train"]["lr"] = 5e-3
     b = runner.invoke(app, ["run", str(write_spec(tmp_path, spec)), "--out", str(tmp_path / "b")])
     assert b.exit_code == 0, b.output
@@ -153,12 +153,12 @@ def test_run_and_compare_commands(tmp_path, tiny_model_dir, home):
     # every row of both runs is listed, with both values
     printed = io.StringIO()
     compare_runs(tmp_path / "a", tmp_path / "b", show_all=True, console=Console(file=printed, width=400))
-    rows_b = {(r["probe"], r["metric"]): r for r in read_results(tmp_path / "b" / "results.parquet")}
+    rows_b = {(r.probe, r.metric): r for r in read_results(tmp_path / "b" / "results.parquet")}
     for r in read_results(tmp_path / "a" / "results.parquet"):
-        other = rows_b[(r["probe"], r["metric"])]
+        other = rows_b[(r.probe, r.metric)]
         line = next(x for x in printed.getvalue().splitlines()
-                    if [c.strip() for c in x.split("│")][2:4] == [r["probe"], r["metric"]])  # probe and metric columns
-        assert f"{r['value']:.3f} [" in line and f"{other['value']:.3f} [" in line
+                    if [c.strip() for c in x.split("│")][2:4] == [r.probe, r.metric])  # probe and metric columns
+        assert f"{r.value:.3f} [" in line and f"{other.value:.3f} [" in line
 
     rows = compare_runs(tmp_path / "a", tmp_path / "b", show_all=True)
     assert rows and all(r["key"][0] == "length-biased-judge" and r["a"] and r["b"] for r in rows)

@@ -11,7 +11,7 @@ from dpolab.errors import ConfigError
 from dpolab.options import make_options
 
 if TYPE_CHECKING:
-    from dpolab.models.generate import ChatModel
+    from dpolab.models.chat import ChatModel
     from dpolab.progress import Progress
 
 

@@ -20,7 +20,7 @@ from dpolab.data import check_pairs, write_pairs
 from dpolab.data.schema import format_problems
 from dpolab.errors import ConfigError, DataError
 from dpolab.io import atomic_write, atomic_write_text
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab.progress import Progress
 from dpolab.banks import asset
 

@@ -15,7 +15,7 @@ from dpolab.contexts import ideal as ideal_mod
 from dpolab.contexts.base import ContextData, ContextSpec, cap, check_choice, check_min, special_strings, usable
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab import scorers
 from dpolab.progress import NullProgress, Progress
 from dpolab.banks import Prompt, asset, bank_split, read_jsonl, spread

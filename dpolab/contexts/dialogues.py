@@ -32,7 +32,7 @@ from dpolab.contexts import ideal as ideal_mod
 from dpolab.contexts.base import cap, check_choice, check_min, special_strings, usable
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
-from dpolab.models.generate import ChatModel, Conversation, Generation
+from dpolab.models.chat import ChatModel, Conversation, Generation
 from dpolab import stance as stance_mod
 from dpolab.progress import NullProgress, Progress
 from dpolab.banks import (

@@ -18,7 +18,7 @@ from dpolab.contexts import dialogues as dlg
 from dpolab.contexts import resist_only
 from dpolab.contexts.base import ContextData, ContextSpec
 from dpolab.errors import ConfigError
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab.progress import Progress
 
 NAME = "holistic"

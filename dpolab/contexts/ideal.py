@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from dpolab.errors import ConfigError, DpolabError
-from dpolab.models.generate import Conversation
+from dpolab.models.chat import Conversation
 from dpolab.banks import asset, read_jsonl, stable_hash
 
 KINDS = ("refute", "affirm", "initial", "concede", "calm_reply")

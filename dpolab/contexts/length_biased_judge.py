@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dpolab.contexts.base import ContextData, ContextSpec, cap, check_min, special_strings, usable
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab.progress import NullProgress, Progress
 from dpolab.banks import Instruction, asset, bank_split, read_jsonl, spread
 

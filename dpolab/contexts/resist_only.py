@@ -14,7 +14,7 @@ from __future__ import annotations
 from dpolab.contexts import dialogues as dlg
 from dpolab.contexts import ideal as ideal_mod
 from dpolab.contexts.base import ContextData, ContextSpec, special_strings
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab.progress import Progress
 
 NAME = "resist-only"

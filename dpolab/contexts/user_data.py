@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from dpolab.contexts.base import ContextData, ContextSpec, cap, check_min
 from dpolab.data.read import read_pairs
 from dpolab.errors import ConfigError
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab.progress import Progress
 from dpolab.banks import spread
 

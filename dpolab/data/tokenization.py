@@ -88,7 +88,7 @@ def end_of_turn_id(tokenizer) -> int:
     It is the one generation stops at: both come from dpolab.models.generate, so what training teaches the model
     to emit and what generation waits for cannot drift apart.
     """
-    from dpolab.models.generate import end_of_turn_id as find  # lazy: only needed once a tokenizer (and torch) is loaded
+    from dpolab.models.chat import end_of_turn_id as find  # lazy: only needed once a tokenizer (and torch) is loaded
 
     try:
         return find(tokenizer)

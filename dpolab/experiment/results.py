@@ -2,16 +2,62 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 
 from dpolab import stats
 from dpolab.probes.summary import EvalSummary
+from dpolab.stats import Verdict
 
-COLUMNS = ["context", "method", "seed", "probe", "metric", "value", "ci_low", "ci_high", "n", "baseline",
-           "baseline_ci_low", "baseline_ci_high", "delta", "delta_ci_low", "delta_ci_high", "higher_is_better", "verdict"]
+
+class ResultRow(BaseModel):
+    """One row of results.parquet: a cell's (context, method, seed) value of one probe metric, the baseline's, the
+    paired change between them over items with its 95% CI, and the verdict it gives."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    context: str
+    method: str
+    seed: int
+    probe: str
+    metric: str
+    value: float | None  # the trained cell's value, with its 95% CI
+    ci_low: float | None
+    ci_high: float | None
+    n: int | None  # items behind the cell's value
+    baseline: float | None  # the untrained model's value, with its 95% CI
+    baseline_ci_low: float | None
+    baseline_ci_high: float | None
+    delta: float | None  # cell - baseline, paired over items, with its bootstrap 95% CI
+    delta_ci_low: float | None
+    delta_ci_high: float | None
+    higher_is_better: bool | None
+    verdict: Verdict
+
+    @property
+    def cell(self) -> tuple[str, str, int]:
+        return self.context, self.method, self.seed
+
+    def record(self) -> dict[str, Any]:
+        """The row as plain values (the verdict as its string), as results.parquet, results.csv and rows.json
+        hold it; NaN stays NaN."""
+        return {**self.model_dump(), "verdict": self.verdict.value}
+
+
+COLUMNS = list(ResultRow.model_fields)
+_ARROW = {str: pa.string(), int: pa.int64(), bool: pa.bool_(), float: pa.float64(), Verdict: pa.string()}
+
+
+def _arrow_type(annotation) -> pa.DataType:
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":  # X | None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return _ARROW[annotation]
+
+
+SCHEMA = pa.schema([(name, _arrow_type(f.annotation)) for name, f in ResultRow.model_fields.items()])
 
 
 def per_item_values(eval_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
@@ -25,9 +71,12 @@ def per_item_values(eval_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def compare(baseline: EvalSummary, cell: EvalSummary, baseline_items: dict, cell_items: dict, *, seed: int,
-            n_boot: int) -> list[dict[str, Any]]:
-    """One row per (probe, metric) present in both summaries: values, CIs, paired delta and verdict."""
+def compare(baseline: EvalSummary, cell: EvalSummary, baseline_items: dict, cell_items: dict, *, context: str,
+            method: str, seed: int, n_boot: int) -> list[ResultRow]:
+    """One row per (probe, metric) present in both summaries: values, CIs, paired delta and verdict.
+
+    seed: the cell's training seed, which also seeds the bootstrap of its deltas.
+    """
     rows = []
     for probe, result in cell.probes.items():
         for metric, m in result.metrics.items():
@@ -36,24 +85,24 @@ def compare(baseline: EvalSummary, cell: EvalSummary, baseline_items: dict, cell
                 continue
             pair = stats.align(baseline_items.get((probe, metric), {}), cell_items.get((probe, metric), {}))
             d = stats.paired_bootstrap_delta(pair.a, pair.b, seed=seed, n_boot=n_boot, statistic=m.aggregate)
-            rows.append({
-                "probe": probe, "metric": metric, "value": m.number("value"), "ci_low": m.number("ci_low"),
-                "ci_high": m.number("ci_high"), "n": m.n, "baseline": b.number("value"),
-                "baseline_ci_low": b.number("ci_low"), "baseline_ci_high": b.number("ci_high"),
-                "delta": d.value, "delta_ci_low": d.ci_low, "delta_ci_high": d.ci_high,
-                "higher_is_better": m.higher_is_better, "verdict": stats.verdict(d.ci_low, d.ci_high, m.higher_is_better).value,
-            })
+            rows.append(ResultRow(
+                context=context, method=method, seed=seed, probe=probe, metric=metric, value=m.number("value"),
+                ci_low=m.number("ci_low"), ci_high=m.number("ci_high"), n=m.n, baseline=b.number("value"),
+                baseline_ci_low=b.number("ci_low"), baseline_ci_high=b.number("ci_high"),
+                delta=d.value, delta_ci_low=d.ci_low, delta_ci_high=d.ci_high,
+                higher_is_better=m.higher_is_better, verdict=stats.verdict(d.ci_low, d.ci_high, m.higher_is_better),
+            ))
     return rows
 
 
-def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+def write_results(rows: list[ResultRow], path: Path) -> None:
     """results.parquet, written atomically; also results.csv beside it."""
     import csv
 
     from dpolab.io import atomic_write
 
-    records = [{c: r.get(c) for c in COLUMNS} for r in rows]
-    table = pa.Table.from_pylist(records, schema=pa.schema([(c, _TYPES.get(c, pa.float64())) for c in COLUMNS]))
+    records = [r.record() for r in rows]
+    table = pa.Table.from_pylist(records, schema=SCHEMA)
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
     def write_csv(tmp: str) -> None:
@@ -65,9 +114,13 @@ def write_results(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path.with_suffix(".csv"), write_csv)
 
 
-_TYPES = {"context": pa.string(), "method": pa.string(), "seed": pa.int64(), "probe": pa.string(), "metric": pa.string(),
-          "n": pa.int64(), "higher_is_better": pa.bool_(), "verdict": pa.string()}
+def read_results(path: Path) -> list[ResultRow]:
+    """The rows of a results.parquet (a bad file raises pydantic's ValidationError naming the field)."""
+    return [ResultRow.model_validate(r) for r in pq.read_table(path).to_pylist()]
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path).to_pylist()
+def read_rows_json(path: Path) -> list[ResultRow]:
+    """A cell's rows.json (its rows, written as soon as the cell is evaluated)."""
+    import json
+
+    return [ResultRow.model_validate(r) for r in json.loads(Path(path).read_text(encoding="utf-8"))]

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from dpolab.errors import ConfigError
-from dpolab.experiment.results import compare, per_item_values, write_results
+from dpolab.experiment.results import ResultRow, compare, per_item_values, read_rows_json, write_results
 from dpolab.experiment.spec import ExperimentSpec
 from dpolab.io import atomic_write_json, atomic_write_text
 from dpolab.probes.summary import EvalSummary
@@ -28,7 +28,7 @@ from dpolab.progress import PlainLines, duration, interactive
 @dataclass
 class RunReport:
     out: Path
-    rows: list[dict[str, Any]]
+    rows: list[ResultRow]
     phases: list[tuple[str, float]] = field(default_factory=list)  # (phase, seconds)
     skipped: list[str] = field(default_factory=list)  # cells already done before this run
 
@@ -136,7 +136,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     from rich.console import Console
 
     from dpolab.contexts import build_context
-    from dpolab.models.generate import HFChatModel
+    from dpolab.models.backends import chat_model
     from dpolab.models.load import load_model
     from dpolab.probes.run import run_eval
     from dpolab.training.loop import train
@@ -181,10 +181,14 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
         base_dir = out / "baseline"
         base_model = None
 
+        def engine(loaded):
+            return chat_model(loaded, backend=spec.backend, batch_size=spec.probes.batch_size, int8=spec.int8,
+                              echo=phases.say)
+
         def base_chat():
             nonlocal base_model
             if base_model is None:
-                base_model = HFChatModel(load_model(spec.model), batch_size=spec.probes.batch_size)
+                base_model = engine(load_model(spec.model))
             return base_model
 
         if not (base_dir / "DONE").exists():
@@ -228,10 +232,10 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 loaded = load_model(spec.model)  # tokenizer and identity of the base; weights replaced below
                 loaded.model = trained.model.eval()
                 loaded.name = f"{spec.model} + {context}/{method}/s{seed}"
-                summary = run_eval(HFChatModel(loaded, batch_size=spec.probes.batch_size), out=cell_dir / "eval", seed=0, **probe_kw)
-            rows = [{"context": context, "method": method, "seed": seed, **r}
-                    for r in compare(baseline, summary, baseline_items, per_item_values(cell_dir / "eval"), seed=seed, n_boot=spec.n_boot)]
-            atomic_write_json(cell_dir / "rows.json", rows)
+                summary = run_eval(engine(loaded), out=cell_dir / "eval", seed=0, **probe_kw)
+            rows = compare(baseline, summary, baseline_items, per_item_values(cell_dir / "eval"), context=context,
+                           method=method, seed=seed, n_boot=spec.n_boot)
+            atomic_write_json(cell_dir / "rows.json", [r.record() for r in rows])
             atomic_write_json(cell_dir / "cell.json", {"context": context, "method": method, "seed": seed, "data": str(data_path),
                                                  "train_steps": trained.steps, "rows": len(rows)})
             ran += 1
@@ -242,7 +246,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     for context, method, seed in cells:
         rows_file = out / "cells" / cell_name(context, method, seed) / "rows.json"
         if rows_file.exists():
-            report.rows.extend(json.loads(rows_file.read_text()))
+            report.rows.extend(read_rows_json(rows_file))
     with phases("results"):
         write_results(report.rows, out / "results.parquet")
     total = time.perf_counter() - t_start

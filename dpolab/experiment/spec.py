@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from dpolab import DEFAULT_MODEL
 from dpolab.config import StrictModel, TrainConfig, load_config
 from dpolab.errors import ConfigError
+from dpolab.models.backends import BACKEND_CHOICES
 from dpolab.probes import default_probes
 
 # Keys of TrainConfig that the runner sets for each cell; a spec can't set them.
@@ -58,6 +59,9 @@ class ExperimentSpec(StrictModel):
     budgets: Budgets = Field(default_factory=Budgets)
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --quick (same shape as the spec)")
     n_boot: int = Field(2000, ge=100)
+    backend: str = Field("auto", description="inference engine for the contexts' pairs and every eval: "
+                         + ", ".join(BACKEND_CHOICES))
+    int8: bool = Field(False, description="ctranslate2 with 8-bit weights (not the trained model; marked in results)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole run; default torch's choice")
 
     @field_validator("contexts")
@@ -74,6 +78,13 @@ class ExperimentSpec(StrictModel):
         if not contexts:
             raise ValueError("name at least one context")
         return contexts
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
+        return backend
 
     @field_validator("probes")
     @classmethod

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from dpolab.experiment.results import ResultRow
 from dpolab.stats import Verdict
 
 
@@ -16,12 +17,12 @@ class Behaviour:
     metric: str
 
 
-def behaviours(rows: Iterable[dict[str, Any]] | None = None) -> tuple[Behaviour, ...]:
+def behaviours(rows: Iterable[ResultRow] | None = None) -> tuple[Behaviour, ...]:
     """The matrix's columns: each registered probe's headline metrics, in registry order (dpolab.probes.PROBES);
     given rows, only the probes they measured."""
     from dpolab.probes import PROBES
 
-    present = {r["probe"] for r in rows} if rows else None
+    present = {r.probe for r in rows} if rows else None
     return tuple(Behaviour(h.label, name, h.metric) for name in PROBES.names()
                  if present is None or name in present for h in PROBES.get(name).headlines)
 
@@ -57,12 +58,12 @@ SEED_FINDINGS = (
 )
 
 
-def finding_status(finding: Finding, row: dict[str, Any]) -> str:
+def finding_status(finding: Finding, row: ResultRow) -> str:
     """`reproduced`, `opposite` or `not shown`, from the sign of the delta's 95% CI.
 
     A "stays near the baseline" finding is `reproduced` when the CI contains 0: with few items that is weak
     evidence, which is why the CI is printed beside it."""
-    lo, hi = row["delta_ci_low"], row["delta_ci_high"]
+    lo, hi = row.delta_ci_low, row.delta_ci_high
     if any(x is None or (isinstance(x, float) and math.isnan(x)) for x in (lo, hi)):
         return "not shown"
     if finding.direction == 0:
@@ -72,28 +73,28 @@ def finding_status(finding: Finding, row: dict[str, Any]) -> str:
     return "not shown"
 
 
-def last_turn(rows: Iterable[dict[str, Any]], probe: str, metric: str) -> str:
+def last_turn(rows: Iterable[ResultRow], probe: str, metric: str) -> str:
     """A per-turn metric ("neg_acc@3") at the last turn the rows have: a run with 2 persuasion turns reports @2."""
     name, at, _ = metric.partition("@")
     if not at:
         return metric
-    turns = [int(r["metric"].split("@")[1]) for r in rows
-             if r["probe"] == probe and r["metric"].startswith(name + "@") and r["metric"].split("@")[1].isdigit()]
+    turns = [int(r.metric.split("@")[1]) for r in rows
+             if r.probe == probe and r.metric.startswith(name + "@") and r.metric.split("@")[1].isdigit()]
     return f"{name}@{max(turns)}" if turns else metric
 
 
-def seed_findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def seed_findings(rows: list[ResultRow]) -> list[dict[str, Any]]:
     """Each seed finding whose context was run, per method and seed, with the measured delta and its status
     (per-turn metrics at the last turn run)."""
     out = []
     for f in SEED_FINDINGS:
         metric = last_turn(rows, f.probe, f.metric)
         for r in rows:
-            if r["context"] == f.context and r["probe"] == f.probe and r["metric"] == metric:
-                out.append({"context": f.context, "method": r["method"], "seed": r["seed"], "claim": f.claim,
-                            "source": f.source, "metric": f"{f.probe} · {metric}", "baseline": r["baseline"],
-                            "value": r["value"], "delta": r["delta"], "delta_ci_low": r["delta_ci_low"],
-                            "delta_ci_high": r["delta_ci_high"], "n": r.get("n"), "status": finding_status(f, r)})
+            if r.context == f.context and r.probe == f.probe and r.metric == metric:
+                out.append({"context": f.context, "method": r.method, "seed": r.seed, "claim": f.claim,
+                            "source": f.source, "metric": f"{f.probe} · {metric}", "baseline": r.baseline,
+                            "value": r.value, "delta": r.delta, "delta_ci_low": r.delta_ci_low,
+                            "delta_ci_high": r.delta_ci_high, "n": r.n, "status": finding_status(f, r)})
     return out
 
 
@@ -101,21 +102,21 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}g}" if digits < 0 else f"{x:.{digits}f}"
 
 
-def _delta_ci(r: dict[str, Any], spec: str = "+.3g", sep: str = " ") -> str:
-    """"+0.12 [+0.03, +0.2]": a row's delta and its CI, each formatted with `spec`. Printed through rich it must be
+def _delta_ci(delta: float, low: float, high: float, spec: str = "+.3g", sep: str = " ") -> str:
+    """"+0.12 [+0.03, +0.2]": a delta and its CI, each formatted with `spec`. Printed through rich it must be
     escaped: rich takes "[nan, nan]" for a style tag and drops it."""
-    return f"{r['delta']:{spec}}{sep}[{r['delta_ci_low']:{spec}}, {r['delta_ci_high']:{spec}}]"
+    return f"{delta:{spec}}{sep}[{low:{spec}}, {high:{spec}}]"
 
 
-def cell_key(row: dict) -> tuple[str, str, int]:
-    return row["context"], row["method"], row["seed"]
+def cell_key(row: ResultRow) -> tuple[str, str, int]:
+    return row.cell
 
 
-def index_rows(rows: Iterable[dict]) -> dict[tuple, dict]:
-    return {(*cell_key(r), r["probe"], r["metric"]): r for r in rows}
+def index_rows(rows: Iterable[ResultRow]) -> dict[tuple, ResultRow]:
+    return {(*cell_key(r), r.probe, r.metric): r for r in rows}
 
 
-def headlines(rows: list[dict[str, Any]]) -> list[str]:
+def headlines(rows: list[ResultRow]) -> list[str]:
     """One sentence per cell: what improved and what was harmed among the headline behaviours, with deltas and CIs."""
     by = index_rows(rows)
     sentences = []
@@ -124,10 +125,10 @@ def headlines(rows: list[dict[str, Any]]) -> list[str]:
         better, worse = [], []
         for b in behaviours(rows):
             r = by.get((*cell, b.probe, last_turn(rows, b.probe, b.metric)))
-            if r is None or r["verdict"] == Verdict.UNCLEAR:
+            if r is None or r.verdict == Verdict.UNCLEAR:
                 continue
-            text = f"{b.label} {r['baseline']:.3g} → {r['value']:.3g} (Δ {_delta_ci(r)})"
-            (better if r["verdict"] == Verdict.IMPROVED else worse).append(text)
+            text = f"{b.label} {r.baseline:.3g} → {r.value:.3g} (Δ {_delta_ci(r.delta, r.delta_ci_low, r.delta_ci_high)})"
+            (better if r.verdict == Verdict.IMPROVED else worse).append(text)
         who = f"{method} on {context}" + (f" (seed {seed})" if len({k[2] for k in map(cell_key, rows)}) > 1 else "")
         if not better and not worse:
             sentences.append(f"{who}: no headline behaviour changed clearly.")
@@ -141,7 +142,7 @@ def headlines(rows: list[dict[str, Any]]) -> list[str]:
     return sentences
 
 
-def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
+def print_matrix(rows: list[ResultRow], console=None) -> None:
     """The improve/harm matrix on the terminal: cells x behaviours, delta [CI], coloured by verdict. A console too
     narrow for the matrix gets the same numbers as one line per cell and behaviour."""
     from rich.console import Console
@@ -165,7 +166,7 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
             for b, m in zip(columns, metrics):
                 r = by.get((*cell, b.probe, m))
                 entries.append("—" if r is None else
-                               f"[{colours[r['verdict']]}]" + escape(_delta_ci(r, "+.3f", sep="\n")) + "[/]")
+                               f"[{colours[r.verdict]}]" + escape(_delta_ci(r.delta, r.delta_ci_low, r.delta_ci_high, "+.3f", sep="\n")) + "[/]")
             table.add_row(" / ".join(map(str, cell)), *entries)
     else:
         table = Table(title=title)
@@ -179,11 +180,11 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
                 r = by.get((*cell, b.probe, m))
                 if r is None:
                     continue
-                c = colours[r["verdict"]]
+                c = colours[r.verdict]
                 table.add_row(" / ".join(map(str, cell)) if first else "", b.label,
-                              f"{r['baseline']:.3g} → {r['value']:.3g}",
-                              f"[{c}]{escape(_delta_ci(r, '+.3f'))}[/]",
-                              f"[{c}]{r['verdict']}[/]")
+                              f"{r.baseline:.3g} → {r.value:.3g}",
+                              f"[{c}]{escape(_delta_ci(r.delta, r.delta_ci_low, r.delta_ci_high, '+.3f'))}[/]",
+                              f"[{c}]{r.verdict}[/]")
                 first = False
             table.add_section()
     console.print(table)
@@ -195,7 +196,7 @@ def print_matrix(rows: list[dict[str, Any]], console=None) -> None:
         console.print("Seed findings:")
         for f in found:
             console.print(f"  {marks[f['status']]}: " + escape(f"{f['claim']} ({f['method']}; {f['metric']} {f['baseline']:.3g} → "
-                                                               f"{f['value']:.3g}, Δ {_delta_ci(f)})"))
+                                                               f"{f['value']:.3g}, Δ {_delta_ci(f['delta'], f['delta_ci_low'], f['delta_ci_high'])})"))
 
 
 def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False, console=None) -> list[dict[str, Any]]:
@@ -221,15 +222,15 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False
         if ra is None or rb is None:
             diffs.append({"key": key, "a": ra, "b": rb, "why": "only in " + ("B" if ra is None else "A")})
             continue
-        apart = rb["value"] > ra["ci_high"] or rb["value"] < ra["ci_low"]
-        if ra["verdict"] != rb["verdict"] or apart or show_all:
-            diffs.append({"key": key, "a": ra, "b": rb, "why": "verdict" if ra["verdict"] != rb["verdict"] else "value" if apart else ""})
+        apart = rb.value > ra.ci_high or rb.value < ra.ci_low
+        if ra.verdict != rb.verdict or apart or show_all:
+            diffs.append({"key": key, "a": ra, "b": rb, "why": "verdict" if ra.verdict != rb.verdict else "value" if apart else ""})
     table = Table(title=f"A = {dir_a}   B = {dir_b}")
     for col in ("context / method / seed", "probe", "metric", "A value [CI]", "A verdict", "B value [CI]", "B verdict", "differs in"):
         table.add_column(col)
     for d in diffs:
         context, method, seed, probe, metric = d["key"]
-        show = lambda r: ("—", "—") if r is None else (escape(f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"), r["verdict"])  # noqa: E731
+        show = lambda r: ("—", "—") if r is None else (escape(f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"), r.verdict)  # noqa: E731
         table.add_row(f"{context} / {method} / {seed}", probe, metric, *show(d["a"]), *show(d["b"]), d["why"])
     console.print(table if diffs else "no differences")
     return diffs

@@ -1,17 +1,21 @@
-"""Models: loading (built-in and Hugging Face), training modes (full, LoRA, frozen layers), generation and scoring."""
+"""Models: loading (built-in and Hugging Face), training modes (full, LoRA, frozen layers), and inference behind the
+`ChatModel` protocol on a choice of backends (`dpolab.models.backends`: hf, ctranslate2, vllm)."""
 from dpolab.models.load import BUILTIN_MODELS, DEFAULT_MODEL, LoadedModel, dpolab_home, load_model, load_tokenizer, resolve_model
 
-_GENERATE = ("ChatModel", "Generation", "HFChatModel", "PrefixCache")
+_LAZY = {  # these import torch and transformers' generation utilities: loaded on first use
+    "ChatModel": "dpolab.models.chat", "ChatFormat": "dpolab.models.chat", "Generation": "dpolab.models.chat",
+    "HFChatModel": "dpolab.models.generate", "PrefixCache": "dpolab.models.generate",
+    "chat_model": "dpolab.models.backends",
+}
 
 
 def __getattr__(name: str):
-    # The generation backend imports torch and transformers' generation utilities: loaded on first use.
-    if name in _GENERATE:
-        from dpolab.models import generate
+    if name in _LAZY:
+        import importlib
 
-        return getattr(generate, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "LoadedModel", "dpolab_home", "load_model", "load_tokenizer", "resolve_model",
-           *_GENERATE]
+           *_LAZY]

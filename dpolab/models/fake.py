@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpolab.models.generate import Conversation, Generation
+from dpolab.models.chat import Conversation, Generation
 from dpolab.models.scoring import TextScore
 
 ReplyFn = Callable[[Conversation], str]

@@ -1,4 +1,4 @@
-"""Batched chat generation behind `ChatModel`, the one Protocol every probe asks of a model.
+"""The `hf` inference backend: batched chat generation and scoring on the PyTorch model itself.
 
 `HFChatModel` wraps a Hugging Face causal LM: prompts are formatted with the tokenizer's chat template, sorted by
 length, left-padded into batches and decoded by `model.generate` with its KV cache, stopping at the template's
@@ -9,93 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from dpolab.models import scoring
+from dpolab.models.chat import ChatFormat, ChatModel, Conversation, Generation, Message, end_of_turn_id  # noqa: F401
 from dpolab.models.scoring import TextScore
-
-Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
-Conversation = list[Message]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One generated assistant reply."""
-
-    text: str  # raw decoded reply, without the end-of-turn token; never escaped or stripped
-    n_tokens: int  # tokens generated, not counting the end-of-turn token
-    hit_limit: bool  # True when max_new_tokens stopped it before the end-of-turn token
-
-
-@runtime_checkable
-class ChatModel(Protocol):
-    """What a probe needs from a model. Conversations are lists of {"role", "content"} messages."""
-
-    name: str
-
-    def generate(
-        self,
-        conversations: Sequence[Conversation],
-        *,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[Generation]:
-        """The assistant's next reply to each conversation, in input order."""
-        ...
-
-    def score_continuations(
-        self, conversations: Sequence[Conversation], continuations: Sequence[Sequence[str]]
-    ) -> list[list[float]]:
-        """Summed log p(text | conversation) of each candidate assistant reply text, per conversation."""
-        ...
-
-    def next_token_logprobs(
-        self, conversations: Sequence[Conversation], candidates: Sequence[str], *, prefix: str = ""
-    ) -> list[list[float]]:
-        """log p of each candidate (a single token such as "A" or "3") as the first token of the reply
-        (after `prefix`, if given), per conversation."""
-        ...
-
-    def score_texts(self, texts: Sequence[str]) -> list[TextScore]:
-        """Summed log-prob of raw texts (no chat template), for perplexity."""
-        ...
-
-    def token_count(self, text: str) -> int:
-        """Tokens in a text under this model's tokenizer."""
-        ...
-
-
-# Tokens that close an assistant turn in common chat templates, tried before the template is probed.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token id that closes an assistant turn in the tokenizer's chat template.
-
-    Found by rendering a one-turn conversation and taking the first special token after the assistant text;
-    falls back to well-known names, then to eos.
-    """
-    marker = "dpolab-probe-reply"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    tail = text[text.rfind(marker) + len(marker):]
-    special = set(tokenizer.all_special_ids)
-    for tok in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-        if tok in special:
-            return tok
-    vocab = tokenizer.get_vocab()
-    for name in _END_OF_TURN_TOKENS:
-        if name in vocab:
-            return vocab[name]
-    return tokenizer.eos_token_id
-
 
 class PrefixCache:
     """Keys and values of recent conversations, by token ids, so a longer conversation that starts with one of
@@ -180,17 +100,11 @@ class HFChatModel:
     def __init__(self, loaded, *, batch_size: int = 32, score_batch_size: int = 32,
                  prefix_cache_bytes: int = 3 << 30):
         self.model = loaded.model.eval()
-        self.tokenizer = loaded.tokenizer
+        self.format = ChatFormat(loaded.tokenizer)
         self.name = loaded.name
+        self.backend = "hf"
         self.batch_size = batch_size
         self.score_batch_size = score_batch_size
-        self.end_of_turn_id = end_of_turn_id(self.tokenizer)
-        stops = [self.end_of_turn_id]
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in stops:
-            stops.append(self.tokenizer.eos_token_id)
-        self.stop_ids = stops
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = self.end_of_turn_id if pad is None else pad
         plain = _plain_cache(self.model)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and plain else None
         self.grow_in_place = plain  # decode into scoring.growing_cache (no per-step copy of the whole cache)
@@ -207,18 +121,8 @@ class HFChatModel:
         if self.cache is not None:
             self.cache.clear()
 
-    # -- tokenization ------------------------------------------------------------------------------------------
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def prompt_ids(self, conversation: Conversation, *, prefix: str = "") -> list[int]:
-        """Token ids of the conversation with the assistant generation prompt (and an optional reply prefix)."""
-        text = self.tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True, tokenize=False)
-        return self._ids(text + prefix)
-
     def token_count(self, text: str) -> int:
-        return len(self._ids(text))
+        return self.format.token_count(text)
 
     def _prefixes(self, prompts: Sequence[Sequence[int]]) -> list[scoring.Prefix | None] | None:
         return [self.cache.lookup(p) for p in prompts] if self.cache is not None else None
@@ -232,18 +136,12 @@ class HFChatModel:
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
+            eos_token_id=self.format.stop_ids,
+            pad_token_id=self.format.pad_id,
             use_cache=True,
             return_dict_in_generate=True,
             **sampling,
         )
-
-    def _finish(self, new_tokens: list[int], max_new_tokens: int) -> Generation:
-        stop = next((j for j, t in enumerate(new_tokens) if t in self.stop_ids), None)
-        kept = new_tokens if stop is None else new_tokens[:stop]
-        text = self.tokenizer.decode(kept, skip_special_tokens=False)
-        return Generation(text=text, n_tokens=len(kept), hit_limit=stop is None and len(kept) >= max_new_tokens)
 
     def _remember(self, packed: scoring.Packed, rows: list[list[int]], new: list[list[int]], past) -> None:
         """Store each row's prompt and reply (through its end-of-turn token) with their keys and values."""
@@ -251,7 +149,7 @@ class HFChatModel:
         fed = past.get_seq_length() - width  # generated tokens whose keys and values are in the cache
         layers = [(layer.keys, layer.values) for layer in past.layers]
         for b, (row, gen) in enumerate(zip(rows, new)):
-            stop = next((j for j, t in enumerate(gen) if t in self.stop_ids), len(gen) - 1)
+            stop = next((j for j, t in enumerate(gen) if t in self.format.stop_ids), len(gen) - 1)
             g = min(stop + 1, fed)
             idx = torch.cat([packed.mask[b].nonzero().squeeze(-1), width + torch.arange(g)])  # (len(row) + g,)
             kv = [(k[b].index_select(1, idx), v[b].index_select(1, idx)) for k, v in layers]  # (H, L, D) each
@@ -270,7 +168,7 @@ class HFChatModel:
         afterwards), so the same inputs, batch size and seed give the same samples."""
         if not conversations:
             return []
-        prompts = [self.prompt_ids(c) for c in conversations]
+        prompts = [self.format.prompt_ids(c) for c in conversations]
         prefixes = self._prefixes(prompts)  # all looked up before any is stored: a batch may evict a shared one
         config = self._generation_config(max_new_tokens, do_sample, temperature)
         out: list[Generation | None] = [None] * len(prompts)
@@ -280,7 +178,7 @@ class HFChatModel:
                 torch.manual_seed(0 if seed is None else seed)
             for batch in scoring.batches([len(p) for p in prompts], self.batch_size):
                 rows = [prompts[i] for i in batch]
-                packed = scoring.pack(rows, self.pad_id, config=self.model.config,
+                packed = scoring.pack(rows, self.format.pad_id, config=self.model.config,
                                       prefixes=[prefixes[i] for i in batch] if prefixes else None)
                 past = packed.past
                 if past is None and self.grow_in_place:
@@ -289,7 +187,7 @@ class HFChatModel:
                                           past_key_values=past, generation_config=config)
                 new = res.sequences[:, packed.ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for b, i in enumerate(batch):
-                    out[i] = self._finish(new[b], max_new_tokens)
+                    out[i] = self.format.reply(new[b], max_new_tokens)
                 if self.cache is not None:
                     self._remember(packed, rows, new, res.past_key_values)
         return out  # type: ignore[return-value]
@@ -301,35 +199,23 @@ class HFChatModel:
     ) -> list[list[float]]:
         if len(conversations) != len(continuations):
             raise ValueError("one list of continuations per conversation")
-        prompts = [self.prompt_ids(c) for c in conversations]
-        conts = [[self._ids(t) for t in texts] for texts in continuations]
-        return scoring.grouped_continuation_logprobs(self.model, prompts, conts, pad_id=self.pad_id,
+        prompts = [self.format.prompt_ids(c) for c in conversations]
+        conts = [[self.format.ids(t) for t in texts] for texts in continuations]
+        return scoring.grouped_continuation_logprobs(self.model, prompts, conts, pad_id=self.format.pad_id,
                                                      batch_size=self.score_batch_size,
                                                      prefixes=self._prefixes(prompts))
-
-    def candidate_ids(self, candidates: Sequence[str]) -> list[int]:
-        """The single token id of each candidate string; refuses candidates that are not one distinct token."""
-        ids = []
-        for c in candidates:
-            toks = self._ids(c)
-            if len(toks) != 1:
-                raise ValueError(f"candidate {c!r} is {len(toks)} tokens under this tokenizer, not one")
-            ids.append(toks[0])
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"candidates {list(candidates)} do not map to distinct tokens")
-        return ids
 
     def next_token_logprobs(
         self, conversations: Sequence[Conversation], candidates: Sequence[str], *, prefix: str = ""
     ) -> list[list[float]]:
-        cand = self.candidate_ids(candidates)
-        prompts = [self.prompt_ids(c, prefix=prefix) for c in conversations]
-        return scoring.next_token_logprobs(self.model, prompts, cand, pad_id=self.pad_id,
+        cand = self.format.candidate_ids(candidates)
+        prompts = [self.format.prompt_ids(c, prefix=prefix) for c in conversations]
+        return scoring.next_token_logprobs(self.model, prompts, cand, pad_id=self.format.pad_id,
                                            batch_size=self.score_batch_size, prefixes=self._prefixes(prompts))
 
     def score_texts(self, texts: Sequence[str]) -> list[TextScore]:
-        rows = [self._ids(t) for t in texts]
-        return scoring.text_scores(self.model, rows, pad_id=self.pad_id, batch_size=max(1, self.score_batch_size // 8))
+        rows = [self.format.ids(t) for t in texts]
+        return scoring.text_scores(self.model, rows, pad_id=self.format.pad_id, batch_size=max(1, self.score_batch_size // 8))
 
 
 def _plain_cache(model) -> bool:
@@ -343,3 +229,18 @@ def _plain_cache(model) -> bool:
     except Exception:  # a model whose config the cache cannot read: run without the prefix cache
         return False
     return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class _HFBackend:
+    """The `hf` entry of dpolab.models.backends.BACKENDS: the PyTorch model as loaded, on any device and dtype."""
+
+    name = "hf"
+
+    def unavailable(self, loaded, *, int8: bool) -> str | None:
+        return "it runs the weights as loaded, not in int8" if int8 else None
+
+    def wrap(self, loaded, *, batch_size: int, int8: bool = False) -> HFChatModel:
+        return HFChatModel(loaded, batch_size=batch_size)
+
+
+BACKEND = _HFBackend()

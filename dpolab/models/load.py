@@ -1,6 +1,7 @@
 """Loading models and tokenizers: the embedded SmolLM2, local Hugging Face folders and hub ids."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -52,6 +53,19 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user asked for
     path: str  # the resolved local folder or hub id
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes, dtypes and values: the identity of a set of weights."""
+    h = hashlib.sha256()
+    seen = set()
+    for name, p in model.state_dict().items():
+        if p.data_ptr() in seen:  # tied weights count once
+            continue
+        seen.add(p.data_ptr())
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _builtin_gguf_path(spec: BuiltinModel) -> Path:

@@ -421,9 +421,12 @@ def text_scores(
     pad_id: int,
     batch_size: int = 4,
 ) -> list[TextScore]:
-    """Summed log-prob of every token after the first, per row (the first has no context to be predicted from)."""
+    """Summed log-prob of every token after the first, per row (the first has no context to be predicted from);
+    a row of fewer than two tokens scores nothing: TextScore(0.0, 0)."""
     out: list[TextScore] = [TextScore(0.0, 0)] * len(texts_ids)
-    for batch in batches([len(t) for t in texts_ids], batch_size):
+    scorable = [i for i, t in enumerate(texts_ids) if len(t) > 1]
+    for part in batches([len(texts_ids[i]) for i in scorable], batch_size):
+        batch = [scorable[j] for j in part]
         packed = pack([texts_ids[i] for i in batch], pad_id)
         ids, mask = packed.ids, packed.mask  # (B, T)
         logits = _run_new(model, packed).logits  # (B, T, V)

@@ -15,7 +15,7 @@ from dpolab import stats
 from dpolab.banks import Item, stable_hash
 
 if TYPE_CHECKING:
-    from dpolab.models.generate import ChatModel
+    from dpolab.models.chat import ChatModel
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dpolab.errors import DataError
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab import stance as stance_mod
 from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
 from dpolab.banks import asset, spread

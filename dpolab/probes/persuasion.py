@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpolab.errors import ConfigError
-from dpolab.models.generate import ChatModel, Conversation, Message
+from dpolab.models.chat import ChatModel, Conversation, Message
 from dpolab import stance as stance_mod
 from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
 from dpolab.progress import NullProgress, Progress

@@ -9,7 +9,7 @@ from typing import Any
 
 from dpolab.errors import ConfigError
 from dpolab.io import atomic_write
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab.probes.base import EvalContext, ProbeResult
 from dpolab.probes.summary import EvalSummary
 from dpolab.progress import NullProgress, Progress
@@ -72,6 +72,8 @@ def run_eval(
     stance: str = "auto",
     batch_size: int = 32,
     dtype: str = "float32",
+    backend: str = "auto",
+    int8: bool = False,
     n_boot: int = 2000,
     progress: Progress | None = None,
 ) -> EvalSummary:
@@ -84,6 +86,7 @@ def run_eval(
     sizes: per-probe option overrides, e.g. {"persuasion": {"turns": 2, "n_items": 8}}.
     stance: how MCQ stances are read: auto (calibrated), letter or cloze.
     batch_size: conversations per generate call, when `model` is a name.
+    backend, int8: the inference engine when `model` is a name (dpolab.models.backends.chat_model).
     """
     from dpolab.probes import PROBES
     from dpolab.runtime import tune_allocator
@@ -104,15 +107,16 @@ def run_eval(
     needs_items = any(specs[n].uses_items for n in names)
     mcq = (read_items(items) if items else bank_items("test")) if needs_items else []
     if isinstance(model, str):
-        from dpolab.models.generate import HFChatModel
+        from dpolab.models.backends import chat_model
+        from dpolab.models.load import load_model
 
-        chat: ChatModel = HFChatModel.load(model, dtype=dtype, batch_size=batch_size)
-        model_name = model
+        chat: ChatModel = chat_model(load_model(model, dtype=dtype), backend=backend, batch_size=batch_size, int8=int8)
+        model_name = chat.name
     else:
         chat, model_name = model, getattr(model, "name", type(model).__name__)
     ctx = EvalContext(items=mcq, items_source=str(items) if items else "bank:test", seed=seed, limit=limit,
                       stance=stance, n_boot=n_boot, progress=progress or NullProgress())
-    summary = EvalSummary(model=model_name, seed=seed, items=ctx.items_source, limit=limit, stance=stance,
+    summary = EvalSummary(model=model_name, backend=getattr(chat, "backend", None), seed=seed, items=ctx.items_source, limit=limit, stance=stance,
                           sizes={n: dataclasses.asdict(o) for n, o in options.items()})
     out_dir = Path(out) if out is not None else None
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab.models.scoring import expected_value, softmax
 from dpolab.probes.base import EvalContext, MetricTable, ProbeResult, ProbeSpec
 from dpolab.probes.summary import EvalSummary

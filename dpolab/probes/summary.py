@@ -57,6 +57,7 @@ class EvalSummary(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
+    backend: str | None = None  # the inference engine that ran it, e.g. "hf", "ctranslate2 float32"
     seed: int = 0
     items: str = "bank:test"
     limit: int | None = None

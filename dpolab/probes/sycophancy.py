@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab import stance as stance_mod
 from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
 from dpolab.banks import Item, spread, stable_hash

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from dpolab.models.generate import ChatModel
+from dpolab.models.chat import ChatModel
 from dpolab import scorers
 from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
 from dpolab.banks import Prompt, asset, bank_split, read_jsonl, spread

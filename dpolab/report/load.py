@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from dpolab.experiment.results import ResultRow, read_results, read_rows_json
 from dpolab.probes.summary import EvalSummary, MetricSummary, ProbeSummary
 
 BASELINE = "baseline"
@@ -72,7 +73,7 @@ class Model:
 @dataclass
 class Experiment:
     out: Path
-    rows: list[dict[str, Any]]  # results.parquet
+    rows: list[ResultRow]  # results.parquet
     baseline: Model
     cells: list[Model]  # in the order of results.parquet, then unfinished cells found on disk
     spec_text: str | None
@@ -100,10 +101,10 @@ class Experiment:
         return list(dict.fromkeys(c.key.context for c in self.cells if c.key))
 
     @cached_property
-    def by_row(self) -> dict[tuple, dict[str, Any]]:
-        return {(r["context"], r["method"], r["seed"], r["probe"], r["metric"]): r for r in self.rows}
+    def by_row(self) -> dict[tuple, ResultRow]:
+        return {(r.context, r.method, r.seed, r.probe, r.metric): r for r in self.rows}
 
-    def row(self, key: CellKey, probe: str, metric: str) -> dict[str, Any] | None:
+    def row(self, key: CellKey, probe: str, metric: str) -> ResultRow | None:
         return self.by_row.get((key.context, key.method, key.seed, probe, metric))
 
 
@@ -146,14 +147,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _read_rows(out: Path) -> list[dict[str, Any]]:
+def _read_rows(out: Path) -> list[ResultRow]:
     """results.parquet; failing that, the cells' rows.json (a run killed before the table was written)."""
     path = out / "results.parquet"
     if path.exists():
-        return _read_parquet(path)
-    rows: list[dict[str, Any]] = []
+        return read_results(path)
+    rows: list[ResultRow] = []
     for f in sorted((out / "cells").glob("*/rows.json")):
-        rows.extend(_read_json(f) or [])
+        rows.extend(read_rows_json(f))
     return rows
 
 
@@ -173,7 +174,7 @@ def load_experiment(out: str | Path) -> Experiment:
 
     out = Path(out)
     rows = _read_rows(out)  # NaN stays NaN: the report's formatting shows it as a dash
-    keys = list(dict.fromkeys(CellKey(r["context"], r["method"], int(r["seed"])) for r in rows))
+    keys = list(dict.fromkeys(CellKey(r.context, r.method, int(r.seed)) for r in rows))
     found = {k: d for d in sorted((out / "cells").glob("*")) if d.is_dir() and (k := _key_from_dir(d)) is not None}
     keys += [k for k in found if k not in keys]
     cells = []

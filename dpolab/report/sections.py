@@ -77,9 +77,9 @@ def generic(exp: Experiment, probe: str) -> dict[str, Any]:
                    "delta": "", "delta_ci": "", "verdict": "", "cls": ""}
             r = exp.row(m.key, probe, metric) if m.key is not None else None
             if r:
-                row.update(delta=views.num(r["delta"], signed=True),
-                           delta_ci=views.ci(r["delta_ci_low"], r["delta_ci_high"], signed=True),
-                           verdict=r["verdict"], cls=views.VERDICT_CLASS.get(r["verdict"], "none"))
+                row.update(delta=views.num(r.delta, signed=True),
+                           delta_ci=views.ci(r.delta_ci_low, r.delta_ci_high, signed=True),
+                           verdict=r.verdict, cls=views.VERDICT_CLASS.get(r.verdict, "none"))
             rows.append(row)
         first = next(got for m in exp.models if (got := m.metric(probe, metric)) is not None)
         metrics.append({"metric": metric, "sub": "|" in metric, "rows": rows,

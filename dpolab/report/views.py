@@ -78,8 +78,8 @@ def finding_items(exp: Experiment) -> list[dict[str, str]]:
 
 def _polarity(exp: Experiment, probe: str, metric: str) -> bool | None:
     for r in exp.rows:
-        if r["probe"] == probe and r["metric"] == metric and r.get("higher_is_better") is not None:
-            return bool(r["higher_is_better"])
+        if r.probe == probe and r.metric == metric and r.higher_is_better is not None:
+            return bool(r.higher_is_better)
     m = exp.baseline.metric(probe, metric)
     return None if m is None else m.higher_is_better
 
@@ -101,16 +101,16 @@ def matrix(exp: Experiment) -> dict[str, Any]:
             if r is None:
                 entries.append(None)
                 continue
-            better = "higher" if r.get("higher_is_better") else "lower"
+            better = "higher" if r.higher_is_better else "lower"
             title = (f"{b.label} ({b.probe} · {col['metric']}; {better} is better)\n"
-                     f"baseline {num(r['baseline'])} {ci(r['baseline_ci_low'], r['baseline_ci_high'])}"
-                     f" → {num(r['value'])} {ci(r['ci_low'], r['ci_high'])}\n"
-                     f"Δ {num(r['delta'], signed=True)} {ci(r['delta_ci_low'], r['delta_ci_high'], signed=True)},"
-                     f" n = {r.get('n')}: {r['verdict']}")
-            entries.append({"cls": VERDICT_CLASS.get(r["verdict"], "none"), "verdict": r["verdict"],
-                            "delta": num(r["delta"], signed=True),
-                            "ci": ci(r["delta_ci_low"], r["delta_ci_high"], signed=True),
-                            "change": f"{num(r['baseline'])} → {num(r['value'])}", "title": title})
+                     f"baseline {num(r.baseline)} {ci(r.baseline_ci_low, r.baseline_ci_high)}"
+                     f" → {num(r.value)} {ci(r.ci_low, r.ci_high)}\n"
+                     f"Δ {num(r.delta, signed=True)} {ci(r.delta_ci_low, r.delta_ci_high, signed=True)},"
+                     f" n = {r.n}: {r.verdict}")
+            entries.append({"cls": VERDICT_CLASS.get(r.verdict, "none"), "verdict": r.verdict,
+                            "delta": num(r.delta, signed=True),
+                            "ci": ci(r.delta_ci_low, r.delta_ci_high, signed=True),
+                            "change": f"{num(r.baseline)} → {num(r.value)}", "title": title})
         method = key.method + (f" · s{key.seed}" if exp.several_seeds else "")
         groups.setdefault(key.context, []).append({"label": method, "colour": palette[cell.name], "cells": entries})
     return {"columns": cols, "groups": [{"context": c, "rows": rs} for c, rs in groups.items()]}
@@ -274,17 +274,17 @@ def self_report(exp: Experiment) -> list[dict[str, Any]]:
                 rr = exp.row(m.key, "self_report", f"rating:{b}")
                 mr = exp.row(m.key, probe, metric) if probe and metric else None
                 if rr:
-                    row.update(d_rating=num(rr["delta"], signed=True),
-                               d_rating_ci=ci(rr["delta_ci_low"], rr["delta_ci_high"], signed=True),
-                               rating_clear=rr["verdict"] != Verdict.UNCLEAR)
+                    row.update(d_rating=num(rr.delta, signed=True),
+                               d_rating_ci=ci(rr.delta_ci_low, rr.delta_ci_high, signed=True),
+                               rating_clear=rr.verdict != Verdict.UNCLEAR)
                 if mr:
-                    row.update(d_measured=num(mr["delta"], signed=True),
-                               d_measured_ci=ci(mr["delta_ci_low"], mr["delta_ci_high"], signed=True),
-                               measured_cls=VERDICT_CLASS.get(mr["verdict"], "none"))
-                    if mr["verdict"] != Verdict.UNCLEAR and rr:
+                    row.update(d_measured=num(mr.delta, signed=True),
+                               d_measured_ci=ci(mr.delta_ci_low, mr.delta_ci_high, signed=True),
+                               measured_cls=VERDICT_CLASS.get(mr.verdict, "none"))
+                    if mr.verdict != Verdict.UNCLEAR and rr:
                         if not row["rating_clear"]:
                             row["tracks"] = "rating flat"
-                        elif _sign(rr["delta"]) == _sign(mr["delta"]):
+                        elif _sign(rr.delta) == _sign(mr.delta):
                             row["tracks"] = "same way"
                         else:
                             row["tracks"] = "opposite way"
@@ -408,22 +408,22 @@ def reply_examples(exp: Experiment, probe: str, *, prompt_field: str, value_fiel
 def all_rows(exp: Experiment) -> list[dict[str, Any]]:
     out = []
     for r in exp.rows:
-        out.append({"context": r["context"], "method": r["method"], "seed": r["seed"], "probe": r["probe"],
-                    "metric": r["metric"], "sub": "|" in str(r["metric"]),
-                    "value": num(r.get("value")), "value_ci": ci(r.get("ci_low"), r.get("ci_high")), "n": r.get("n"),
-                    "baseline": num(r.get("baseline")), "baseline_ci": ci(r.get("baseline_ci_low"), r.get("baseline_ci_high")),
-                    "delta": num(r.get("delta"), signed=True),
-                    "delta_ci": ci(r.get("delta_ci_low"), r.get("delta_ci_high"), signed=True),
-                    "better": "↑" if r.get("higher_is_better") else "↓", "verdict": r.get("verdict", ""),
-                    "cls": VERDICT_CLASS.get(r.get("verdict", ""), "none")})
+        out.append({"context": r.context, "method": r.method, "seed": r.seed, "probe": r.probe,
+                    "metric": r.metric, "sub": "|" in str(r.metric),
+                    "value": num(r.value), "value_ci": ci(r.ci_low, r.ci_high), "n": r.n,
+                    "baseline": num(r.baseline), "baseline_ci": ci(r.baseline_ci_low, r.baseline_ci_high),
+                    "delta": num(r.delta, signed=True),
+                    "delta_ci": ci(r.delta_ci_low, r.delta_ci_high, signed=True),
+                    "better": "↑" if r.higher_is_better else "↓", "verdict": r.verdict,
+                    "cls": VERDICT_CLASS.get(r.verdict, "none")})
     return out
 
 
 def verdict_counts(exp: Experiment) -> dict[str, int]:
     counts = dict.fromkeys(VERDICT_CLASS, 0)
     for r in exp.rows:
-        if "|" not in str(r["metric"]) and r.get("verdict") in counts:
-            counts[r["verdict"]] += 1
+        if "|" not in str(r.metric) and r.verdict in counts:
+            counts[r.verdict] += 1
     return counts
 
 

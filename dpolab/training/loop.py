@@ -17,7 +17,8 @@ from dpolab.io import atomic_dir, atomic_write_text
 from dpolab.progress import quiet_library_bars
 from dpolab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dpolab.training.logps import PairBatch, PairForward, collate_pairs
-from dpolab.training.reference import Reference, ReferenceCache, cache_key, compute_dataset_logps, model_fingerprint
+from dpolab.models.load import weights_fingerprint
+from dpolab.training.reference import Reference, ReferenceCache, cache_key, compute_dataset_logps
 
 METRIC_KEYS = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s", "pairs_per_s")
@@ -317,7 +318,7 @@ def _reference(run: Run) -> tuple[Reference, bool | None]:
 
     cfg, n = run.cfg, len(run.data.pairs)
     if run.reference_kind == "cached":
-        key = cache_key(model_fp=model_fingerprint(run.model), data_fp=run.data.fingerprint, settings=run.settings.key())
+        key = cache_key(model_fp=weights_fingerprint(run.model), data_fp=run.data.fingerprint, settings=run.settings.key())
         cache = ReferenceCache(dpolab_home() / "reference-logps")
         with _progress(cfg.progress and run.is_main) as bar:
             task = bar.add_task("reference log-probs", total=n, info="")

@@ -16,20 +16,8 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from dpolab.io import atomic_write
+
 from dpolab.training.logps import PairBatch, sequence_logps
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over parameter names, shapes, dtypes and values: the identity of a set of weights."""
-    h = hashlib.sha256()
-    seen = set()
-    for name, p in model.state_dict().items():
-        if p.data_ptr() in seen:  # tied weights count once
-            continue
-        seen.add(p.data_ptr())
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def cache_key(*, model_fp: str, data_fp: str, settings: dict, forward: dict | None = None) -> str:

@@ -1,4 +1,4 @@
-"""`dpolab bench eval` on the tiny model: both runs give the same dialogues; the report has its fields."""
+"""`dpolab bench batching` on the tiny model: both runs give the same dialogues; the report has its fields."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import dpolab.banks as items_mod
-from dpolab.probes.bench import bench_eval
+from dpolab.bench.batching import bench_batching
 
 FIXTURES = Path(__file__).parent / "fixtures" / "probes"
 
@@ -19,10 +19,10 @@ def fixture_banks(monkeypatch):
     monkeypatch.setattr(items_mod, "ASSETS", FIXTURES)
 
 
-def test_bench_eval_runs_both_ways_identically(tiny_model_dir):
+def test_bench_batching_runs_both_ways_identically(tiny_model_dir):
     """In float64 the batched and the one-at-a-time dialogues must be identical: no fp32 near-tie can excuse a
     difference. The JSON report carries the measured fields unchanged."""
-    result = bench_eval(str(tiny_model_dir), n_items=2, techniques=("evidence", "expert"), turns=2, max_new_tokens=6,
+    result = bench_batching(str(tiny_model_dir), n_items=2, techniques=("evidence", "expert"), turns=2, max_new_tokens=6,
                         batch_size=4, dtype="float64")
     assert result.dialogues == 4 and result.turns == 2 and result.batch_size == 4
     assert result.identical_transcripts == 4 and result.identical_stances == 4 and result.first_mismatch is None
@@ -32,11 +32,11 @@ def test_bench_eval_runs_both_ways_identically(tiny_model_dir):
         assert report[f.name] == getattr(result, f.name)
 
 
-def test_bench_eval_cli(tiny_model_dir, tmp_path):
+def test_bench_batching_cli(tiny_model_dir, tmp_path):
     from dpolab.cli import app
 
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "eval", "--model", str(tiny_model_dir), "--items", "2",
+    result = CliRunner().invoke(app, ["bench", "batching", "--model", str(tiny_model_dir), "--items", "2",
                                       "--techniques", "logical,expert", "--turns", "1", "--max-new-tokens", "4",
                                       "--stance", "letter", "--dtype", "float64", "--json", str(out)])
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""`dpolab bench eval`: the persuasion probe with all dialogues batched, against one dialogue at a time.
+"""`dpolab bench batching`: the persuasion probe with all dialogues batched, against one dialogue at a time.
 
 Both runs use the same loaded model and greedy decoding; the sequential run advances each (item, technique)
 dialogue alone (turn 0 included) with batch size 1. Reported: wall time, dialogues per second, the speedup,
@@ -39,7 +39,7 @@ class EvalBench:
                 "sequential_dialogues_per_s": self.dialogues / self.sequential_s}
 
 
-def bench_eval(
+def bench_batching(
     model: str,
     *,
     n_items: int = 4,
