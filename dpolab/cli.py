@@ -162,8 +162,9 @@ def run(
     try:
         report = run_experiment(loaded, out, resume=resume, quick=quick)
     except KeyboardInterrupt:
+        again = "".join([" --quick" if quick else "", f" --backend {backend}" if backend else "", " --int8" if int8 else ""])
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
-                    + (" --quick" if quick else ""), fg=typer.colors.YELLOW, err=True)
+                    + again, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
     from dpolab.experiment.summary import print_matrix
 

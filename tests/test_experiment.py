@@ -93,6 +93,9 @@ def test_a_bad_result_row_is_refused():
     with pytest.raises(ValidationError, match="seed"):
         ResultRow.model_validate({c: None for c in COLUMNS} | {"context": "d", "method": "m", "probe": "p", "metric": "x",
                                                            "verdict": "improved"})
+    full = result_row(context="d", method="m", seed=0, probe="p", metric="x").model_dump()
+    with pytest.raises(ValidationError, match="delta_ci_high\n  Field required"):
+        ResultRow.model_validate({k: v for k, v in full.items() if k != "delta_ci_high"})
     with pytest.raises(ValidationError, match="extra"):
         result_row(context="d", method="m", seed=0, probe="p", metric="x", colour="red")
 
