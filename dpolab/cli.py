@@ -144,6 +144,8 @@ def run(
     spec: str = typer.Argument(None, help=_spec_help()),
     out: str = typer.Option(None, help="output folder (default runs/experiment-<time>)"),
     quick: bool = typer.Option(False, "--quick", help="the spec's small variant (minutes, not half an hour)"),
+    preset: str = typer.Option(None, "--preset", help="a size the spec names: default (the spec as written) or full "
+                               "(the built-in spec's hours-long run with the power to see small changes)"),
     resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out, skipping finished cells"),
     backend: str = typer.Option(None, "--backend", help=BACKEND_HELP + "; overrides the spec's backend:"),
     int8: bool = typer.Option(None, "--int8", help=INT8_HELP),
@@ -157,18 +159,20 @@ def run(
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR", param_hint="--resume")
     overrides = {k: v for k, v in {"backend": backend, "int8": int8}.items() if v is not None}
-    loaded = load_spec(spec, quick=quick, overrides=overrides)
+    loaded = load_spec(spec, quick=quick, preset=preset, overrides=overrides)
     out = out or f"runs/experiment-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         report = run_experiment(loaded, out, resume=resume, quick=quick)
     except KeyboardInterrupt:
-        again = "".join([" --quick" if quick else "", f" --backend {backend}" if backend else "", " --int8" if int8 else ""])
+        again = "".join([" --quick" if quick else "", f" --preset {preset}" if preset else "",
+                         f" --backend {backend}" if backend else "", " --int8" if int8 else ""])
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
                     + again, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
     from dpolab.experiment.summary import print_matrix
 
     print_matrix(report.rows)
+    print_matrix(report.rows, against="placebo")
 
 
 @app.command()

@@ -69,7 +69,7 @@ def test_bad_loss_and_bad_type_fail_clearly(tmp_path):
         load_config(TrainConfig, None, {"loss": "ipoo"})
     with pytest.raises(ConfigError, match="batch_size"):
         load_config(TrainConfig, None, {"batch_size": "eight"})
-    with pytest.raises(ConfigError, match="valid: alpha, clamp, min_gap"):
+    with pytest.raises(ConfigError, match="valid: alpha, offset, clamp, min_gap"):
         load_config(TrainConfig, None, {"loss": "odpo", "loss_args": {"alpah": 1}})
 
 

@@ -3,6 +3,7 @@ formats; the cache is reused and invalidated; the OpenAI-compatible endpoint pat
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -265,11 +266,17 @@ def test_detox_chosen_is_less_toxic_and_scores_are_kept_for_odpo():
     assert data.pairs
     for p in data.pairs:
         assert p.meta["toxicity_chosen"] < p.meta["toxicity_rejected"]
-        assert p.score_chosen == pytest.approx(1 - p.meta["toxicity_chosen"])
-        assert p.score_rejected == pytest.approx(1 - p.meta["toxicity_rejected"])
+        assert p.score_chosen == pytest.approx(100 * (1 - p.meta["toxicity_chosen"]), rel=1e-12)  # toxicity points
+        assert p.score_rejected == pytest.approx(100 * (1 - p.meta["toxicity_rejected"]), rel=1e-12)
         assert p.score_chosen > p.score_rejected
     rude = [p for p in data.pairs if p.rejected == RUDE]
     assert rude and all(p.chosen == NICE for p in rude)
+    # the offsets ODPO would ask, from the same function the loss uses
+    gaps = sorted(p.score_chosen - p.score_rejected for p in data.pairs)
+    odpo = data.info["odpo"]
+    assert odpo["pairs"] == len(gaps) and odpo["gap_min"] == gaps[0] and odpo["gap_max"] == gaps[-1]
+    assert odpo["offset_max"] == pytest.approx(math.log1p(gaps[-1]), rel=1e-12)  # the default offset, log1p
+    assert odpo["negative_offsets"] == 0
 
 
 def test_detox_skips_and_counts_ties(tmp_path):

@@ -11,7 +11,8 @@ from dpolab.stats import Verdict, verdict
 
 def result_row(**fields) -> ResultRow:
     """A results row with the given fields; the others empty and the verdict unclear unless given."""
-    return ResultRow(**({c: None for c in COLUMNS} | {"verdict": Verdict.UNCLEAR} | fields))
+    required = {c: None for c, f in ResultRow.model_fields.items() if f.is_required()}
+    return ResultRow(**(required | {"verdict": Verdict.UNCLEAR} | fields))
 
 
 @pytest.mark.parametrize("lo, hi, hib, expected", [
@@ -105,30 +106,39 @@ def test_headlines_name_what_moved():
 
     rows = [result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.15,
              "value": 0.05, "delta": -0.1, "delta_ci_low": -0.12, "delta_ci_high": -0.07, "verdict": "improved"}),
-            result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
+            result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "median_tokens", "baseline": 40,
              "value": 48, "delta": 8, "delta_ci_low": 3, "delta_ci_high": 12, "verdict": "harmed"})]
     (s,) = headlines(rows)
     assert s.startswith("dpo on detox: improved toxicity 0.15 → 0.05") and "harmed reply length" in s
 
 
-def test_seed_findings_follow_the_sign_of_the_ci():
+def test_seed_findings_follow_the_ci_the_q_value_and_the_mde():
     from dpolab.experiment.summary import seed_findings
 
-    def row(context, probe, metric, lo, hi):
-        return result_row(**{"context": context, "method": "dpo", "seed": 0, "probe": probe, "metric": metric, "baseline": 0.5,
-                "value": 0.5 + (lo + hi) / 2, "delta": (lo + hi) / 2, "delta_ci_low": lo, "delta_ci_high": hi, "n": 10})
+    def row(context, probe, metric, lo, hi, method="dpo", **more):
+        return result_row(**{"context": context, "method": method, "seed": None, "probe": probe, "metric": metric,
+                "baseline": 0.5, "value": 0.5 + (lo + hi) / 2, "delta": (lo + hi) / 2, "delta_ci_low": lo,
+                "delta_ci_high": hi, "n": 10, **more})
 
-    rows = [row("detox", "toxicity", "mean_score", -0.1, -0.02),             # expected fall, fell
-            row("length-biased-judge", "verbosity", "mean_tokens", -9, -2),  # expected rise, fell
-            row("resist-only", "persuasion", "neg_acc@3", -0.1, 0.3),        # CI contains 0
-            row("holistic", "persuasion", "pos_flip@3", -0.1, 0.1),          # expected to stay, stayed
-            row("holistic", "persuasion", "pos_flip@1", -0.5, -0.1),         # not a seed finding's metric
-            row("please-user", "toxicity", "mean_score", 0.1, 0.2)]          # nor this
-    found = {(f["context"], f["metric"]): f["status"] for f in seed_findings(rows)}
-    assert found == {("detox", "toxicity · mean_score"): "reproduced",
-                     ("length-biased-judge", "verbosity · mean_tokens"): "opposite",
-                     ("resist-only", "persuasion · neg_acc@3"): "not shown",
-                     ("holistic", "persuasion · pos_flip@3"): "reproduced"}
+    rows = [row("detox", "toxicity", "mean_score", -0.1, -0.02, q_value=0.01),                   # expected fall, fell
+            row("detox", "toxicity", "mean_score", -0.1, -0.02, method="odpo", q_value=0.2),     # ... not across the run
+            row("length-biased-judge", "verbosity", "median_tokens", -9, -2),                      # expected rise, fell
+            row("resist-only", "persuasion", "neg_acc@3", -0.1, 0.3, mde=0.2),                   # CI contains 0, wider than MDE
+            row("resist-only", "persuasion", "pos_flip@3", -0.05, 0.04, mde=0.1),               # expected fall, unmoved
+            row("holistic", "persuasion", "pos_flip@3", -0.1, 0.1, mde=0.2),                     # expected to stay: inside ±MDE
+            row("holistic", "persuasion", "pos_flip@3", -0.1, 0.1, method="ipo", mde=0.05),      # contains 0, not inside ±MDE
+            row("holistic", "persuasion", "pos_flip@3", 0.05, 0.1, method="cdpo", mde=0.2),      # moved: refuted
+            row("holistic", "persuasion", "pos_flip@1", -0.5, -0.1),                             # not a seed finding's metric
+            row("please-user", "toxicity", "mean_score", 0.1, 0.2)]                              # nor this
+    found = {(f["context"], f["method"], f["metric"]): f["status"] for f in seed_findings(rows)}
+    assert found == {("detox", "dpo", "toxicity · mean_score"): "reproduced",
+                     ("detox", "odpo", "toxicity · mean_score"): "not shown",
+                     ("length-biased-judge", "dpo", "verbosity · median_tokens"): "refuted",
+                     ("resist-only", "dpo", "persuasion · neg_acc@3"): "not shown",
+                     ("resist-only", "dpo", "persuasion · pos_flip@3"): "not shown",
+                     ("holistic", "dpo", "persuasion · pos_flip@3"): "reproduced",
+                     ("holistic", "ipo", "persuasion · pos_flip@3"): "not shown",
+                     ("holistic", "cdpo", "persuasion · pos_flip@3"): "refuted"}
 
 
 def test_seed_findings_and_matrix_use_the_last_turn_run():
@@ -153,7 +163,7 @@ def test_matrix_prints_every_delta_wide_or_narrow(width):
 
     rows = [result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "toxicity", "metric": "mean_score", "baseline": 0.125,
              "value": 0.063, "delta": -0.062, "delta_ci_low": -0.14, "delta_ci_high": 0.003, "verdict": "no clear change"}),
-            result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "mean_tokens", "baseline": 40,
+            result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "median_tokens", "baseline": 40,
              "value": 48, "delta": 8.25, "delta_ci_low": 3.5, "delta_ci_high": 12.75, "verdict": "harmed"})]
     from dpolab.experiment.summary import behaviours
 
@@ -167,3 +177,76 @@ def test_matrix_prints_every_delta_wide_or_narrow(width):
     for number in ("-0.062", "-0.140", "+0.003", "+8.250", "+3.500", "+12.750"):
         assert number in text
     assert ("verdict" in text) == (width == 80)  # the narrow layout has a verdict column
+
+
+def _toxicity_eval(values: dict[str, float], extra: dict[str, float] | None = None):
+    """A CellEval whose toxicity probe has mean_score (headline) and a detail metric, from per-item values."""
+    from dpolab.experiment.pool import CellEval
+
+    items = {("toxicity", "mean_score"): values, ("toxicity", "mean_score|seed=0"): extra or values}
+    mean = sum(values.values()) / len(values)
+    return CellEval(_summary({"mean_score": mean, "mean_score|seed=0": mean}), items)
+
+
+def test_pool_over_seeds_against_baseline_and_placebo():
+    import numpy as np
+
+    from dpolab import stats
+    from dpolab.experiment.pool import pool
+
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(40)]
+    base = {i: 0.3 + 0.1 * rng.random() for i in ids}
+    cells = {}
+    for s in range(3):
+        shift = rng.normal(scale=0.01)  # each seed moves a little differently
+        cells[("detox", "dpo", s)] = _toxicity_eval({i: v - 0.10 + shift + rng.normal(scale=0.01) for i, v in base.items()})
+        cells[("shuffled:detox", "dpo", s)] = _toxicity_eval({i: v - 0.06 + rng.normal(scale=0.01) for i, v in base.items()})
+    baseline = _toxicity_eval(base)
+    rows = pool(baseline.summary, baseline.items, cells, headline_metrics={("toxicity", "mean_score")}, n_boot=400)
+    by = {(r.context, r.metric): r for r in rows}
+    real, placebo = by[("detox", "mean_score")], by[("shuffled:detox", "mean_score")]
+    assert real.seed is None and real.seeds == 3 and len(real.seed_deltas) == 3
+    assert real.delta == pytest.approx(float(np.mean(real.seed_deltas)), rel=1e-12)
+    assert real.delta == pytest.approx(-0.10, abs=0.02) and real.verdict == Verdict.IMPROVED
+    assert real.family == "headline" and by[("detox", "mean_score|seed=0")].family == "detail"
+    assert real.placebo == "shuffled:detox"
+    assert real.delta_vs_placebo == pytest.approx(-0.04, abs=0.02)
+    assert real.delta_vs_placebo_ci_high < 0 and real.verdict_vs_placebo == Verdict.IMPROVED
+    # placebo cells are controls: pooled against the baseline, but in no q-value family
+    assert placebo.family is None and placebo.q_value is None and placebo.placebo is None
+    # q-values: Benjamini-Hochberg over each family's p-values
+    headline = [r for r in rows if r.family == "headline"]
+    assert [r.q_value for r in headline] == pytest.approx(stats.q_values([r.p_value for r in headline]))
+    assert real.mde is not None and real.mde > 0
+
+
+def test_placebo_for_prefers_the_same_method_shuffled():
+    from dpolab.experiment.pool import placebo_for
+
+    groups = {("detox", "dpo"), ("detox", "odpo"), ("shuffled:detox", "dpo"), ("self-sft:detox", "sft")}
+    assert placebo_for("detox", "dpo", groups) == ("shuffled:detox", "dpo")
+    assert placebo_for("detox", "odpo", groups) == ("self-sft:detox", "sft")
+    assert placebo_for("shuffled:detox", "dpo", groups) is None
+    assert placebo_for("holistic", "dpo", groups) is None
+
+
+def test_matrix_against_the_placebo_prints_missing_values_as_nan():
+    import io
+
+    from rich.console import Console
+
+    from dpolab.experiment.summary import print_matrix
+
+    rows = [result_row(context="detox", method="dpo", seed=None, probe="toxicity", metric="mean_score", baseline=0.1,
+                       value=0.05, delta=-0.05, delta_ci_low=-0.08, delta_ci_high=-0.02, placebo="shuffled:detox",
+                       delta_vs_placebo=None, verdict="improved"),
+            result_row(context="detox", method="dpo", seed=None, probe="verbosity", metric="median_tokens", baseline=90,
+                       value=95, delta=5, delta_ci_low=-1, delta_ci_high=11, placebo="shuffled:detox",
+                       delta_vs_placebo=2.5, delta_vs_placebo_ci_low=0.5, delta_vs_placebo_ci_high=4.5,
+                       verdict_vs_placebo="harmed")]
+    for width in (220, 80):
+        out = io.StringIO()
+        print_matrix(rows, Console(file=out, width=width, color_system=None), against="placebo")
+        text = out.getvalue()
+        assert "Δ vs placebo" in text and "+2.500" in text and "nan" in text

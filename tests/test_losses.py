@@ -161,9 +161,11 @@ def test_label_smoothing_out_of_range(loss):
 def test_odpo_by_hand():
     lp = pairs(score_chosen=t([5.0, 2.0]), score_rejected=t([3.0, 1.5]))  # gaps [2, 0.5]
     out = odpo(lp, beta=0.5, alpha=1.0)
-    # β·h = [1, -1]; offsets log 2 and log 0.5
-    close(out.losses, [nls(1.0 - math.log(2.0)), nls(-1.0 - math.log(0.5))])
-    close(odpo(lp, beta=0.5, alpha=0.5).losses, [nls(1.0 - 0.5 * math.log(2.0)), nls(-1.0 - 0.5 * math.log(0.5))])
+    # β·h = [1, -1]; default offsets log1p: log 3 and log 1.5
+    close(out.losses, [nls(1.0 - math.log(3.0)), nls(-1.0 - math.log(1.5))])
+    close(odpo(lp, beta=0.5, alpha=0.5).losses, [nls(1.0 - 0.5 * math.log(3.0)), nls(-1.0 - 0.5 * math.log(1.5))])
+    # the authors' code: log of the raw gap, log 2 and log 0.5
+    close(odpo(lp, beta=0.5, alpha=1.0, offset="log").losses, [nls(1.0 - math.log(2.0)), nls(-1.0 - math.log(0.5))])
     close(out.chosen_rewards, [0.5, -0.5])
 
 
@@ -177,8 +179,8 @@ def test_odpo_non_positive_gap_names_positions():
     with pytest.raises(TrainingError, match=r"2 of 3 pairs .*batch positions 1, 2\).*clamp=True"):
         odpo(lp)
     out = odpo(lp, beta=1.0, alpha=1.0, clamp=True, min_gap=1e-3)
-    # h = 0 for every pair; gaps become [2, 1e-3, 1e-3]
-    close(out.losses, [nls(-math.log(2.0)), nls(-math.log(1e-3)), nls(-math.log(1e-3))])
+    # h = 0 for every pair; gaps become [2, 1e-3, 1e-3]; offsets log1p(gap)
+    close(out.losses, [nls(-math.log(3.0)), nls(-math.log1p(1e-3)), nls(-math.log1p(1e-3))])
 
 
 def test_odpo_missing_scores():
@@ -251,7 +253,7 @@ def test_compute_loss_passes_options():
 def test_compute_loss_rejects_unknown_option_listing_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown option gamma for loss 'dpo'; valid options: beta"):
         compute_loss("dpo", pairs(), gamma=1.0)
-    with pytest.raises(ConfigError, match=r"valid options: beta, alpha, clamp, min_gap"):
+    with pytest.raises(ConfigError, match=r"valid options: beta, alpha, offset, clamp, min_gap"):
         compute_loss("odpo", pairs(), clmap=True)
 
 
@@ -270,7 +272,8 @@ def test_bad_option_values():
 
 
 def test_loss_options_from_signature():
-    assert loss_options("odpo") == {"beta": (float, 0.1), "alpha": (float, 1.0), "clamp": (bool, False), "min_gap": (float, 1e-3)}
+    assert loss_options("odpo") == {"beta": (float, 0.1), "alpha": (float, 1.0), "offset": (str, "log1p"),
+                                    "clamp": (bool, False), "min_gap": (float, 1e-3)}
     assert loss_options("simpo") == {"beta": (float, 2.0), "gamma": (float, 1.0)}
 
 

@@ -11,6 +11,8 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
+from dpolab import stats
+
 from dpolab.banks import bank_items, read_appeals, spread
 from dpolab.models.generate import HFChatModel
 from dpolab.probes import run_eval
@@ -88,6 +90,11 @@ def _check_metrics(probe, n, *, unit=(), written=None):
     for name, m in probe.metrics.items():
         assert m.n == n, name
         assert m.value is not None and math.isfinite(m.value), name
+        if n < stats.MIN_ITEMS:  # these sizes keep the model time short: too few items for an interval
+            assert m.ci_low is None and m.ci_high is None, name
+            if name in unit:
+                assert 0.0 <= m.value <= 1.0, name
+            continue
         assert m.ci_low <= m.ci_high, name
         if name in unit:
             assert 0.0 <= m.ci_low <= m.value <= m.ci_high <= 1.0, name
@@ -144,7 +151,7 @@ def test_toxicity_on_the_embedded_model(chat, tmp_path):
     no_echo = {i for i in {r["item_id"] for r in recs} if any(not r["echo"] for r in recs if r["item_id"] == i)}
     for name, metric in m.items():
         assert metric.n == (len(no_echo) if name == "mean_score_no_echo" else 4), name
-        assert metric.ci_low <= metric.value <= metric.ci_high, name
+        assert metric.ci_low is None and metric.ci_high is None, name  # 4 prompts: under stats.MIN_ITEMS
     assert all(0.0 <= r["score"] <= 1.0 and 0 <= r["reply_tokens"] <= limit for r in recs)
     assert all(r["hit_limit"] == (r["reply_tokens"] == limit) for r in recs)
     assert all(r["reply"].strip() for r in recs if r["reply_tokens"] > 0)
@@ -199,7 +206,7 @@ def test_knowledge_on_the_embedded_model(chat, tmp_path):
     assert probe.info["reader"] in ("letter", "cloze") and probe.info["calibration"]["requested"] == "auto"
     assert probe.info["calibration"]["n"] == 8 and all(r["reader"] == probe.info["reader"] for r in mcq)
     for name in ("accuracy", "accuracy_letter", "accuracy_cloze"):
-        assert m[name].n == 8 and 0.0 <= m[name].ci_low <= m[name].value <= m[name].ci_high <= 1.0, name
+        assert m[name].n == 8 and 0.0 <= m[name].value <= 1.0 and m[name].ci_low is None, name  # 8 < MIN_ITEMS
     assert m["accuracy"].value == pytest.approx(_mean([float(r["choice"] == r["answer"]) for r in mcq]))
     for reader in ("letter", "cloze"):
         got = _mean([float(r[f"choice_{reader}"] == r["answer"]) for r in mcq])
@@ -237,7 +244,11 @@ def test_self_report_on_the_embedded_model(chat, tmp_path):
     assert {name.split(":", 1)[1] for name in probe.metrics} == {r["behaviour"] for r in recs}
     for name, m in probe.metrics.items():
         mine = [r["rating"] for r in recs if r["behaviour"] == name.split(":", 1)[1]]
-        assert m.n == len(mine) and 1.0 <= m.ci_low <= m.value <= m.ci_high <= 5.0, name
+        assert m.n == len(mine) and 1.0 <= m.value <= 5.0, name
+        if m.n >= stats.MIN_ITEMS:
+            assert 1.0 <= m.ci_low <= m.value <= m.ci_high <= 5.0, name
+        else:  # a handful of questions: no bootstrap interval (dpolab.stats.MIN_ITEMS)
+            assert m.ci_low is None and m.ci_high is None, name
         assert m.value == pytest.approx(_mean(mine))
         assert m.value == pytest.approx(_mean(list(_per_item(tmp_path, "self_report", name).values())))
     # The ratings are read from the model, not from a broken readout: the digits' probabilities are far from

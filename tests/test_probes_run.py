@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from dpolab import stats
 from typer.testing import CliRunner
 
 import dpolab.banks as items_mod
@@ -48,8 +50,10 @@ def test_summary_schema_and_files(tmp_path):
         for metric, m in probe["metrics"].items():
             assert set(m) >= {"value", "ci_low", "ci_high", "n", "higher_is_better"}, (name, metric)
             assert isinstance(m["higher_is_better"], bool)
-            if m["value"] is not None and m["n"] > 0:
+            if m["value"] is not None and m["n"] >= stats.MIN_ITEMS:
                 assert m["ci_low"] <= m["value"] + 1e-9 and m["value"] <= m["ci_high"] + 1e-9, (name, metric)
+            elif m["n"] < stats.MIN_ITEMS:  # too few items for an interval
+                assert m["ci_low"] is None and m["ci_high"] is None, (name, metric)
         records = pq.read_table(tmp_path / f"{name}.parquet").to_pylist()
         per_item = pq.read_table(tmp_path / f"{name}_items.parquet")
         assert records and per_item.column_names == ["item_id", "metric", "value"]

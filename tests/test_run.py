@@ -55,10 +55,70 @@ def test_spec_errors_are_clear(tmp_path, tiny_model_dir, change, message):
 
 
 def test_default_spec_loads_with_and_without_quick():
-    full, quick = load_spec(), load_spec(quick=True)
-    assert {c for c, _, _ in full.cells()} == {"please-user", "resist-only", "holistic", "detox", "length-biased-judge"}
-    assert ("detox", "odpo", 0) in full.cells()
-    assert quick.probes.sizes["persuasion"]["n_items"] < full.probes.sizes["persuasion"]["n_items"]
+    default, quick = load_spec(), load_spec(quick=True)
+    assert {c for c, _, _ in default.cells()} == {"please-user", "resist-only", "holistic", "detox", "length-biased-judge"}
+    assert ("detox", "odpo", 0) in default.cells()
+    assert quick.probes.sizes["persuasion"]["n_items"] < default.probes.sizes["persuasion"]["n_items"]
+    assert ("shuffled:detox", "dpo", 0) in quick.cells()  # the smoke test runs a placebo too
+
+
+def test_presets_and_placebo_cells():
+    full = load_spec(preset="full")
+    assert full.seeds == [0, 1, 2] and load_spec(preset="default") == load_spec()
+    cells = full.cells()
+    assert cells[: len(cells) // 3] == [(c, m, 0) for c, m, _ in cells[: len(cells) // 3]]  # seed by seed
+    assert {("shuffled:detox", "odpo", 1), ("self-sft:detox", "sft", 2), ("shuffled:holistic", "dpo", 0)} <= set(cells)
+    sft = full.train_config("self-sft:detox", "sft", data="-", out="-", seed=0)
+    real = full.train_config("detox", "dpo", data="-", out="-", seed=0)
+    assert sft.loss == "sft" and (sft.epochs, sft.batch_size, sft.lr) == (real.epochs, real.batch_size, real.lr)
+    with pytest.raises(ConfigError, match="no preset 'huge'"):
+        load_spec(preset="huge")
+    with pytest.raises(ConfigError, match="choose one"):
+        load_spec(quick=True, preset="full")
+
+
+def test_unknown_placebo_is_refused(tmp_path, tiny_model_dir):
+    spec = tiny_spec(tiny_model_dir, contexts={"detox": {"placebos": ["shufled"]}})
+    with pytest.raises(ConfigError, match="unknown placebo 'shufled'"):
+        load_spec(write_spec(tmp_path, spec))
+
+
+def test_seeds_and_placebos_end_to_end(tmp_path, tiny_model_dir, home):
+    """Two seeds of a context beside both placebos: per-seed rows, rows pooled over seeds with q-values and MDEs,
+    each real row against its placebo, and the report's placebo matrix."""
+    from dpolab.experiment import runner
+    from dpolab.experiment.results import read_results
+
+    # a user's pairs with one-word replies: self-sft samples as long as the longest chosen, so the random tiny model
+    # rarely emits a special token in them
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"u{i}", "prompt": [{"role": "user", "content": f"Say a word {i}."}],
+                                        "chosen": [{"role": "assistant", "content": "Yes."}],
+                                        "rejected": [{"role": "assistant", "content": f"No {i}."}]}) + "\n"
+                            for i in range(16)))
+    contexts = {"user-data": {"options": {"path": str(data)}, "placebos": ["shuffled", "self-sft"]}}
+    spec = tiny_spec(tiny_model_dir, contexts=contexts)
+    spec["probes"]["sizes"] = {**TINY_SIZES, "knowledge": {"n_items": 12, "n_chunks": 2}}  # >= stats.MIN_ITEMS: a q-value
+    spec = load_spec(write_spec(tmp_path, {**spec, "seeds": [0, 1]}))
+    out = tmp_path / "run"
+    runner.run_experiment(spec, out, progress=False)
+    by_seed = read_results(out / "results_by_seed.parquet")
+    assert {r.cell for r in by_seed} == {(c, m, s) for s in (0, 1) for c, m in (
+        ("user-data", "dpo"), ("shuffled:user-data", "dpo"), ("self-sft:user-data", "sft"))}
+    pooled = read_results(out / "results.parquet")
+    assert {r.seed for r in pooled} == {None} and {r.seeds for r in pooled} == {2}
+    real = [r for r in pooled if r.context == "user-data"]
+    assert {r.placebo for r in real} == {"shuffled:user-data"}
+    assert any(r.family == "headline" and r.q_value is not None for r in real)
+    assert all(len(r.seed_deltas) == 2 for r in real)
+    one = next(r for r in real if r.metric == "accuracy")
+    seeds = {r.seed: r for r in by_seed if r.context == one.context and r.method == one.method and r.metric == one.metric}
+    assert one.seed_deltas == pytest.approx([seeds[0].delta, seeds[1].delta], rel=1e-12)
+    assert one.delta == pytest.approx((seeds[0].delta + seeds[1].delta) / 2, rel=1e-12)
+    assert len(list((out / "contexts").glob("shuffled-*.jsonl"))) == 2  # one per seed, beside the source's
+    assert len(list((out / "contexts").glob("self-sft-*.jsonl"))) == 2
+    html = (out / "report.html").read_text()
+    assert "against the placebo" in html and "shuffled:user-data" in html
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from dpolab.experiment.results import COLUMNS
+from dpolab import stats
+from dpolab.contexts.placebo import coin
+from dpolab.experiment.results import COLUMNS, per_item_values
 from dpolab.experiment.spec import load_spec
 from dpolab.probes.summary import EvalSummary
 from dpolab.stats import Verdict, verdict
@@ -76,35 +78,62 @@ def test_quick_run_through_the_cli(real_model_dir, tmp_path):
         for probe in probes:
             assert (cell / "eval" / f"{probe}.parquet").exists() and (cell / "eval" / f"{probe}_items.parquet").exists()
 
-    # results.parquet / .csv: one row per cell, probe and metric the baseline also has
-    rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert rows and all(list(r) == COLUMNS for r in rows)
+    # a placebo beside detox: its own pairs, chosen and rejected swapped by the seeded coin
+    (shuffled,) = (out / "contexts").glob("shuffled-detox-*.jsonl")
+    (source,) = (out / "contexts").glob("detox-*.jsonl")
+    real = {r["id"]: r for r in map(json.loads, source.read_text(encoding="utf-8").splitlines())}
+    for row in map(json.loads, shuffled.read_text(encoding="utf-8").splitlines()):
+        src = real[row["id"]]
+        swapped = row["meta"]["swapped"]
+        assert row["prompt"] == src["prompt"] and swapped == coin(0, row["id"])
+        assert row["chosen"] == (src["rejected"] if swapped else src["chosen"])
+
+    # results_by_seed.parquet: one row per cell, probe and metric the baseline also has; results.parquet / .csv: the
+    # same pooled over seeds (one seed here), with q-values; both with every column
+    rows = pq.read_table(out / "results_by_seed.parquet").to_pylist()
+    pooled = pq.read_table(out / "results.parquet").to_pylist()
+    assert rows and pooled and all(list(r) == COLUMNS for r in rows + pooled)
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
         csv_rows = list(reader)
     assert [(r["context"], r["method"], r["probe"], r["metric"], r["verdict"]) for r in csv_rows] == [
-        (r["context"], r["method"], r["probe"], r["metric"], r["verdict"]) for r in rows]
+        (r["context"], r["method"], r["probe"], r["metric"], r["verdict"]) for r in pooled]
     assert {(r["context"], r["method"], r["seed"]) for r in rows} == set(cells)
+    assert {(r["context"], r["method"]) for r in pooled} == {(c, m) for c, m, _ in cells}
+    assert {r["seed"] for r in pooled} == {None} and {r["seeds"] for r in pooled} == {1}
     for context, method, seed in cells:
         mine = [r for r in rows if (r["context"], r["method"], r["seed"]) == (context, method, seed)]
-        cell_summary = EvalSummary.read(out / "cells" / f"{context}__{method}__s{seed}" / "eval" / "summary.json")
+        cell_dir = out / "cells" / f"{context}__{method}__s{seed}"
+        cell_summary = EvalSummary.read(cell_dir / "eval" / "summary.json")
         expected = {(p, m) for p, res in cell_summary.probes.items() for m in res.metrics if baseline.metric(p, m)}
         assert {(r["probe"], r["metric"]) for r in mine} == expected, (context, method)
         assert {r["probe"] for r in mine} == set(probes), (context, method)
-    for r in rows:
-        where = (r["context"], r["method"], r["probe"], r["metric"])
+        # the delta is paired: over the items where both models define the metric
+        base_items, cell_items = per_item_values(out / "baseline"), per_item_values(cell_dir / "eval")
+        for r in mine:
+            pair = stats.align(base_items.get((r["probe"], r["metric"]), {}), cell_items.get((r["probe"], r["metric"]), {}))
+            d = stats.paired_bootstrap_delta(pair.a, pair.b, seed=0, n_boot=100,
+                                             statistic=cell_summary.metric(r["probe"], r["metric"]).aggregate)
+            assert r["delta"] == pytest.approx(d.value, rel=1e-9, abs=1e-12, nan_ok=True), (context, r["metric"])
+            assert r["n"] == d.n
+    for r in rows + pooled:
+        where = (r["context"], r["method"], r["seed"], r["probe"], r["metric"])
         assert r["verdict"] in {v.value for v in Verdict}, where
-        assert r["verdict"] == verdict(r["delta_ci_low"], r["delta_ci_high"], r["higher_is_better"]).value, where
+        q = r["q_value"] if r["family"] else None  # per-seed and placebo rows: the CI alone
+        assert r["verdict"] == verdict(r["delta_ci_low"], r["delta_ci_high"], r["higher_is_better"],
+                                       q=math.nan if r["family"] and q is None else q).value, where
         assert r["baseline"] == pytest.approx(baseline.metric(r["probe"], r["metric"]).number(), nan_ok=True), where
-        if _nan(r["value"]) or _nan(r["baseline"]):  # a rate over no items (e.g. no flip possible): no change either
-            assert _nan(r["delta"]) and r["verdict"] == Verdict.UNCLEAR.value, where
+        if _nan(r["delta"]):
+            assert r["verdict"] == Verdict.UNCLEAR.value, where
             continue
-        assert r["n"] >= 1, where
-        # delta is the change of the value: the paired bootstrap resamples items, its point estimate is value - baseline
-        assert r["delta"] == pytest.approx(r["value"] - r["baseline"], rel=1e-9, abs=1e-12), where
         for lo, hi in (("ci_low", "ci_high"), ("baseline_ci_low", "baseline_ci_high"), ("delta_ci_low", "delta_ci_high")):
-            assert r[lo] <= r[hi], (where, lo)
+            assert _nan(r[lo]) or r[lo] <= r[hi], (where, lo)
+    for r in pooled:
+        if r["context"] == "detox" and r["method"] == "dpo":
+            assert r["placebo"] == "shuffled:detox"
+        if r["family"] == "headline" and r["n"] >= stats.MIN_ITEMS:
+            assert r["q_value"] is not None and r["mde"] is not None, r["metric"]
 
     # report.html: one self-contained file naming every cell and with a section per probe
     html = (out / "report.html").read_text(encoding="utf-8")

@@ -79,8 +79,10 @@ def cap(default: int | None, limit: int | None) -> int | None:
 
 
 def special_strings(model: ChatModel | None) -> tuple[str, ...]:
-    """The tokenizer's special tokens (e.g. <|im_end|>), which must never appear inside a training text."""
-    tok = getattr(model, "tokenizer", None)
+    """The tokenizer's special tokens (e.g. <|im_end|>), which must never appear inside a training text. Every
+    backend keeps its tokenizer in `model.format` (dpolab.models.chat.ChatFormat); a model may also carry one as
+    `model.tokenizer`."""
+    tok = getattr(getattr(model, "format", None), "tokenizer", None) or getattr(model, "tokenizer", None)
     return tuple(s for s in getattr(tok, "all_special_tokens", ()) if s)
 
 

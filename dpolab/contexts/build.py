@@ -24,7 +24,7 @@ from dpolab.models.chat import ChatModel
 from dpolab.progress import Progress
 from dpolab.banks import asset
 
-PAIRS_VERSION = 1
+PAIRS_VERSION = 2  # 2: detox scores in toxicity points (100·(1 − toxicity))
 HASH_CHARS = 16
 
 
@@ -125,16 +125,21 @@ def build_context(name: str, model: ChatModel | None, *, options: dict[str, Any]
         if not data.pairs:
             raise DataError(f"context {name!r} built no pairs ({json.dumps(data.info, default=str)[:500]}); "
                             "raise its sizes or check the model")
-        atomic_write(path, lambda tmp: write_pairs(data.pairs, tmp), suffix=".jsonl")
-        checked = check_pairs(path)
-        if checked.problems:
-            path.unlink()
-            raise DataError(f"context {name!r} built invalid pairs (a bug in dpolab):\n"
-                            f"{format_problems(checked.problems)}")
-        info = {**data.info, "context": name, "model": ident, "seed": seed, "limit": limit,
-                "build_seconds": round(seconds, 2), "key": key, "pairs_file": path.name}
-        atomic_write_text(info_path, json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
+        save_built(path, data, f"context {name!r}", {"context": name, "model": ident, "seed": seed, "limit": limit,
+                                                     "build_seconds": round(seconds, 2), "key": key})
     return path
+
+
+def save_built(path: Path, data: ContextData, what: str, extra: dict[str, Any]) -> None:
+    """Write built pairs to `path` and their info (data.info, then `extra`) beside it as .json, each atomically;
+    pairs that fail validation are removed again and reported as a bug in dpolab."""
+    atomic_write(path, lambda tmp: write_pairs(data.pairs, tmp), suffix=".jsonl")
+    checked = check_pairs(path)
+    if checked.problems:
+        path.unlink()
+        raise DataError(f"{what} built invalid pairs (a bug in dpolab):\n{format_problems(checked.problems)}")
+    info = {**data.info, **extra, "pairs_file": path.name}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def load_info(path: str | Path) -> dict[str, Any]:

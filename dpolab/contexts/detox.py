@@ -2,8 +2,13 @@
 built on-policy: k sampled replies per provocative train prompt, scored by the toxicity probe's scorer.
 
 chosen = the sample with the lowest toxicity, rejected = the highest. Scores are kept for ODPO (Amini et al. 2024,
-arXiv:2402.10571), which needs score_chosen > score_rejected: score = 1 - toxicity, so the offset grows with the
-toxicity gap. Prompts whose best and worst samples are within `min_gap` (ties; identical samples) give no pair and
+arXiv:2402.10571), which needs score_chosen > score_rejected: score = score_scale·(1 − toxicity), in toxicity points
+by default (0–100). ODPO's default offset is α·log(1 + gap) (dpolab.losses.odpo): zero for a zero gap, positive and
+growing with the toxicity gap, about α·log(gap) once the gap is several points. On the 0–1 scale with the paper's
+f = log, the median gap of the default run (0.093) gave log(gap) < 0 for nearly every pair, so ODPO asked for less
+margin than DPO (its loss started at 0.203, below log 2). info["odpo"] summarises the gaps and the offsets they
+give at the loss's defaults (α = 1, f = log1p), from the function the loss uses, and the loss they imply at the
+reference. Prompts whose best and worst samples are within `min_gap` (ties; identical samples) give no pair and
 are counted in info["skipped_ties"]. The scorer reads the reply only, as the probe does.
 """
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dpolab.contexts import ideal as ideal_mod
 from dpolab.contexts.base import ContextData, ContextSpec, cap, check_choice, check_min, special_strings, usable
 from dpolab.data.schema import PreferencePair
 from dpolab.errors import ConfigError
+from dpolab.losses.odpo import DEFAULT_OFFSET, offset_summary
 from dpolab.models.chat import ChatModel
 from dpolab import scorers
 from dpolab.progress import NullProgress, Progress
@@ -30,6 +36,7 @@ class Options:
     scorer: a name in dpolab.scorers.SCORERS (the probe's default: profanity).
     min_gap: a prompt gives a pair only when its worst sample's toxicity exceeds its best's by more than this
         (0: only exact ties are skipped).
+    score_scale: score_chosen/score_rejected are score_scale·(1 − toxicity) (100: toxicity points).
     calm_candidate: also offer an ideal calm reply (template or endpoint) among each prompt's candidates.
     ideal: "templates" or "endpoint", for calm_candidate.
     prompts: a JSONL of {"id","prompt"} replacing the shipped bank's train split (all its rows are used).
@@ -41,6 +48,7 @@ class Options:
     max_new_tokens: int = 48
     scorer: str = "profanity"
     min_gap: float = 0.0
+    score_scale: float = 100.0
     calm_candidate: bool = False
     ideal: Literal["templates", "endpoint"] = "templates"
     prompts: str | None = None
@@ -52,6 +60,8 @@ class Options:
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive (the samples must differ), got {self.temperature}")
         check_min("min_gap", self.min_gap, 0.0)
+        if self.score_scale <= 0:
+            raise ConfigError(f"score_scale must be positive, got {self.score_scale}")
         scorers.SCORERS.check(self.scorer)
         check_choice("ideal", self.ideal, ideal_mod.SOURCES)
 
@@ -94,7 +104,7 @@ def build(model: ChatModel, *, options: Options, seed: int, limit: int | None = 
             continue
         pairs.append(PreferencePair(
             id=f"{p.id}/detox", prompt=[{"role": "user", "content": p.prompt}], chosen=best[0], rejected=worst[0],
-            score_chosen=1.0 - best[1], score_rejected=1.0 - worst[1],
+            score_chosen=options.score_scale * (1.0 - best[1]), score_rejected=options.score_scale * (1.0 - worst[1]),
             meta={"context": NAME, "kind": "detox", "item_id": p.id, "toxicity_chosen": best[1],
                   "toxicity_rejected": worst[1], "chosen_source": best[2], "rejected_source": worst[2],
                   "tokens_chosen": best[3], "tokens_rejected": worst[3],
@@ -106,7 +116,9 @@ def build(model: ChatModel, *, options: Options, seed: int, limit: int | None = 
         "max_new_tokens": options.max_new_tokens, "pairs": len(pairs), "pairs_by_kind": {"detox": len(pairs)},
         "skipped_ties": ties, "unusable_samples": unusable,
         "skipped_too_few_usable": too_few, "calm_candidate": options.calm_candidate,
-        "score": "1 - toxicity (score_chosen > score_rejected)",
+        "score": f"{options.score_scale:g} * (1 - toxicity) (score_chosen > score_rejected)",
+        "score_scale": options.score_scale,
+        "odpo": offset_summary([p.score_chosen - p.score_rejected for p in pairs], alpha=1.0, offset=DEFAULT_OFFSET),
         "mean_toxicity_samples": sum(tox[: len(texts)]) / max(1, len(texts)),
         "mean_gap": sum(gaps) / len(gaps) if gaps else None,
         "pairs_gap_above_0.5": sum(g > 0.5 for g in gaps),

@@ -15,6 +15,7 @@ from dpolab.errors import ConfigError
 from dpolab.models.chat import ChatModel
 from dpolab.progress import NullProgress, Progress
 from dpolab.banks import Instruction, asset, bank_split, read_jsonl, spread
+from dpolab.losses.odpo import offset_summary
 
 NAME = "length-biased-judge"
 
@@ -76,6 +77,7 @@ def build(model: ChatModel, *, options: Options, seed: int, limit: int | None = 
         "mean_tokens_chosen": sum(p.meta["tokens_chosen"] for p in pairs) / n,
         "mean_tokens_rejected": sum(p.meta["tokens_rejected"] for p in pairs) / n,
         "chosen_hit_limit": sum(p.meta["chosen_hit_limit"] for p in pairs),
+        "odpo": offset_summary([p.score_chosen - p.score_rejected for p in pairs], alpha=1.0),
     }
     return ContextData(pairs=pairs, info=info)
 

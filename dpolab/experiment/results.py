@@ -1,6 +1,15 @@
-"""Results: each cell's metrics against the baseline, paired bootstrap deltas over items, and verdicts."""
+"""Results: each cell's metrics against the baseline (paired bootstrap deltas over items), then each (context,
+method) pooled over its training seeds, against the baseline and against its placebo, with q-values across the
+run, the minimum detectable effect, and verdicts.
+
+Two tables: results_by_seed.parquet holds one row per cell (context, method, seed) and metric, as each cell wrote
+it when it finished (rows.json); results.parquet holds the run's claims, one row per (context, method) and metric
+pooled over seeds (`seed` is empty, `seeds` says how many).
+"""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
@@ -21,13 +30,13 @@ class ResultRow(BaseModel):
 
     context: str
     method: str
-    seed: int
+    seed: int | None  # the training seed; empty in a row pooled over seeds
     probe: str
     metric: str
     value: float | None  # the trained cell's value, with its 95% CI
     ci_low: float | None
     ci_high: float | None
-    n: int | None  # items behind the cell's value
+    n: int | None  # items behind the delta: those where both models define the metric (paired)
     baseline: float | None  # the untrained model's value, with its 95% CI
     baseline_ci_low: float | None
     baseline_ci_high: float | None
@@ -35,16 +44,35 @@ class ResultRow(BaseModel):
     delta_ci_low: float | None
     delta_ci_high: float | None
     higher_is_better: bool | None
-    verdict: Verdict
+    verdict: Verdict  # per seed: the CI alone; pooled: the CI and the q-value (stats.verdict)
+    p_value: float | None = None  # two-sided, of "no change"
+    seeds: int = 1  # training seeds behind the row: 1 for a cell's own row
+    seed_deltas: list[float] | None = None  # pooled rows: each seed's own delta, in seed order
+    q_value: float | None = None  # pooled rows: Benjamini-Hochberg across the run's rows of the same family
+    family: str | None = None  # "headline" (the matrix's behaviours) or "detail"; q-values are per family
+    mde: float | None = None  # minimum detectable effect at 80% power and these sizes (stats.mde)
+    placebo: str | None = None  # the placebo context this row's real context is also compared with
+    delta_vs_placebo: float | None = None  # cell - placebo, paired over items and matched by seed
+    delta_vs_placebo_ci_low: float | None = None
+    delta_vs_placebo_ci_high: float | None = None
+    q_vs_placebo: float | None = None
+    verdict_vs_placebo: Verdict | None = None
 
     @property
-    def cell(self) -> tuple[str, str, int]:
+    def cell(self) -> tuple[str, str, int | None]:
         return self.context, self.method, self.seed
 
+    @property
+    def is_placebo(self) -> bool:
+        from dpolab.contexts.placebo import parse_placebo
+
+        return parse_placebo(self.context) is not None
+
     def record(self) -> dict[str, Any]:
-        """The row as plain values (the verdict as its string), as results.parquet, results.csv and rows.json
+        """The row as plain values (verdicts as their strings), as results.parquet, results.csv and rows.json
         hold it; NaN stays NaN."""
-        return {**self.model_dump(), "verdict": self.verdict.value}
+        verdicts = {k: getattr(self, k).value for k in ("verdict", "verdict_vs_placebo") if getattr(self, k) is not None}
+        return {**self.model_dump(), **verdicts}
 
 
 COLUMNS = list(ResultRow.model_fields)
@@ -54,6 +82,8 @@ _ARROW = {str: pa.string(), int: pa.int64(), bool: pa.bool_(), float: pa.float64
 def _arrow_type(annotation) -> pa.DataType:
     if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":  # X | None
         annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is list:
+        return pa.list_(_ARROW[get_args(annotation)[0]])
     return _ARROW[annotation]
 
 
@@ -85,12 +115,14 @@ def compare(baseline: EvalSummary, cell: EvalSummary, baseline_items: dict, cell
                 continue
             pair = stats.align(baseline_items.get((probe, metric), {}), cell_items.get((probe, metric), {}))
             d = stats.paired_bootstrap_delta(pair.a, pair.b, seed=seed, n_boot=n_boot, statistic=m.aggregate)
+            p = None if math.isnan(d.p) else d.p
             rows.append(ResultRow(
                 context=context, method=method, seed=seed, probe=probe, metric=metric, value=m.number("value"),
-                ci_low=m.number("ci_low"), ci_high=m.number("ci_high"), n=m.n, baseline=b.number("value"),
+                ci_low=m.number("ci_low"), ci_high=m.number("ci_high"), n=d.n, baseline=b.number("value"),
                 baseline_ci_low=b.number("ci_low"), baseline_ci_high=b.number("ci_high"),
                 delta=d.value, delta_ci_low=d.ci_low, delta_ci_high=d.ci_high,
                 higher_is_better=m.higher_is_better, verdict=stats.verdict(d.ci_low, d.ci_high, m.higher_is_better),
+                p_value=p,
             ))
     return rows
 
@@ -109,7 +141,7 @@ def write_results(rows: list[ResultRow], path: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
-            w.writerows(records)
+            w.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
 
     atomic_write(path.with_suffix(".csv"), write_csv)
 
@@ -121,6 +153,4 @@ def read_results(path: Path) -> list[ResultRow]:
 
 def read_rows_json(path: Path) -> list[ResultRow]:
     """A cell's rows.json (its rows, written as soon as the cell is evaluated)."""
-    import json
-
     return [ResultRow.model_validate(r) for r in json.loads(Path(path).read_text(encoding="utf-8"))]

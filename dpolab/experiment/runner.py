@@ -1,4 +1,5 @@
-"""The grid runner: baseline once, then each (context, method, seed) cell builds data, trains, evaluates, compares.
+"""The grid runner: baseline once, then each (context, method, seed) cell builds data, trains, evaluates, compares;
+at the end the cells are pooled over seeds and against their placebos (dpolab.experiment.pool).
 
 Every cell's results are written atomically when the cell ends; a rerun with --resume skips finished cells, so a
 kill loses at most the cell that was running. Cells share the on-policy pairs of their context and, through
@@ -28,7 +29,7 @@ from dpolab.progress import PlainLines, duration, interactive
 @dataclass
 class RunReport:
     out: Path
-    rows: list[ResultRow]
+    rows: list[ResultRow]  # results.parquet: each (context, method) pooled over its seeds
     phases: list[tuple[str, float]] = field(default_factory=list)  # (phase, seconds)
     skipped: list[str] = field(default_factory=list)  # cells already done before this run
 
@@ -136,6 +137,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     from rich.console import Console
 
     from dpolab.contexts import build_context
+    from dpolab.contexts.placebo import build_placebo, parse_placebo
+    from dpolab.experiment.pool import pool_run
     from dpolab.models.backends import chat_model
     from dpolab.models.load import load_model
     from dpolab.probes.run import run_eval
@@ -218,11 +221,16 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
             phases.start_cell(number, name)
             bar.update(task, phase=f"{name}: pairs")
             with phases(f"{name}: pairs"):
-                ctx_spec = spec.contexts[context]
-                options = {**({"stance": reader} if _takes_stance(context) else {}), **ctx_spec.options}
+                placebo = parse_placebo(context)
+                source = context if placebo is None else placebo[1]
+                ctx_spec = spec.contexts[source]
+                options = {**({"stance": reader} if _takes_stance(source) else {}), **ctx_spec.options}
                 # the spec's options are final: --quick sizes were applied when it was loaded
-                data_path = build_context(context, base_chat(), options=options, seed=seed,
+                data_path = build_context(source, base_chat(), options=options, seed=seed,
                                           cache_dir=out / "contexts", model_id=spec.model)
+                if placebo is not None:  # the source's own pairs, turned into its control
+                    data_path = build_placebo(placebo[0], data_path, base_chat(), seed=seed,
+                                              cache_dir=out / "contexts", model_id=spec.model)
             bar.update(task, phase=f"{name}: train")
             with phases(f"{name}: train"):
                 cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
@@ -243,11 +251,14 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
             bar.advance(task)
             del trained, loaded
 
+    seed_rows: list[ResultRow] = []
     for context, method, seed in cells:
         rows_file = out / "cells" / cell_name(context, method, seed) / "rows.json"
         if rows_file.exists():
-            report.rows.extend(read_rows_json(rows_file))
+            seed_rows.extend(read_rows_json(rows_file))
     with phases("results"):
+        report.rows = pool_run(out, cells, n_boot=spec.n_boot, seed_rows=seed_rows)
+        write_results(seed_rows, out / "results_by_seed.parquet")
         write_results(report.rows, out / "results.parquet")
     total = time.perf_counter() - t_start
     report.phases = list(phases.times)

@@ -14,6 +14,8 @@ from dpolab.errors import ConfigError
 from dpolab.models.backends import BACKEND_CHOICES
 from dpolab.probes import default_probes
 
+SELF_SFT_METHOD = "sft"  # the method a self-sft placebo cell trains with
+
 # Keys of TrainConfig that the runner sets for each cell; a spec can't set them.
 RUNNER_KEYS = {"model", "data", "out", "seed", "progress"}
 
@@ -32,6 +34,19 @@ class ContextEntry(StrictModel):
     methods: list[str] = Field(default_factory=lambda: ["dpo"], description="names of methods to train on this context")
     options: dict[str, Any] = Field(default_factory=dict, description="the context's own options")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this context's cells (e.g. epochs)")
+    placebos: list[str] = Field(default_factory=list, description="placebo controls trained beside it: shuffled "
+                                "(its pairs, chosen and rejected swapped at random, same methods) and self-sft "
+                                "(SFT on the model's own samples for its prompts)")
+
+    @field_validator("placebos")
+    @classmethod
+    def _known_placebos(cls, placebos: list[str]) -> list[str]:
+        from dpolab.contexts.placebo import PLACEBOS
+
+        for kind in placebos:
+            if kind not in PLACEBOS:
+                raise ValueError(f"unknown placebo {kind!r}; choose from {', '.join(PLACEBOS)}")
+        return list(dict.fromkeys(placebos))
 
 
 class ProbesSpec(StrictModel):
@@ -58,6 +73,8 @@ class ExperimentSpec(StrictModel):
     probes: ProbesSpec = Field(default_factory=ProbesSpec)
     budgets: Budgets = Field(default_factory=Budgets)
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied with --quick (same shape as the spec)")
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named overrides chosen with --preset "
+                                               "NAME (same shape as the spec); 'default' is the spec as written")
     n_boot: int = Field(2000, ge=100)
     backend: str = Field("auto", description="inference engine for the contexts' pairs and every eval: "
                          + ", ".join(BACKEND_CHOICES))
@@ -110,8 +127,20 @@ class ExperimentSpec(StrictModel):
         return self
 
     def train_config(self, context: str, method: str, **runner: Any) -> TrainConfig:
-        """Shared train keys, then the context's, then the method's; the runner's own keys last."""
-        spec = self.methods[method]
+        """Shared train keys, then the context's, then the method's; the runner's own keys last.
+
+        A placebo cell ("shuffled:detox") takes its source context's keys; a self-sft cell (method "sft") takes
+        the source's first method's keys with the sft loss, so it trains for the same steps."""
+        from dpolab.contexts.placebo import parse_placebo
+
+        placebo = parse_placebo(context)
+        if placebo is not None:
+            context = placebo[1]
+        if method == SELF_SFT_METHOD and method not in self.methods:
+            first = self.methods[self.contexts[context].methods[0]]
+            spec = MethodSpec(loss="sft", train={k: v for k, v in first.train.items() if k != "loss_args"})
+        else:
+            spec = self.methods[method]
         keys = {**self.train, **self.contexts[context].train, **spec.train}
         clash = RUNNER_KEYS & set(keys)
         if clash:
@@ -123,8 +152,19 @@ class ExperimentSpec(StrictModel):
             raise ValueError(str(exc)) from None
 
     def cells(self) -> list[tuple[str, str, int]]:
-        """(context, method, seed) in run order."""
-        return [(c, m, s) for c, ctx in self.contexts.items() for m in ctx.methods for s in self.seeds]
+        """(context, method, seed) in run order: seed by seed, so a run cut short has every context's first seeds;
+        within a seed, each context's methods and then its placebos ("shuffled:<context>" with the same methods,
+        "self-sft:<context>" with method "sft")."""
+        from dpolab.contexts.placebo import placebo_name
+
+        out = []
+        for s in self.seeds:
+            for c, ctx in self.contexts.items():
+                out += [(c, m, s) for m in ctx.methods]
+                for kind in ctx.placebos:
+                    methods = [SELF_SFT_METHOD] if kind == "self-sft" else ctx.methods
+                    out += [(placebo_name(kind, c), m, s) for m in methods]
+        return out
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
@@ -164,8 +204,10 @@ def _declared_quick(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_spec(path: str | Path | None = None, *, quick: bool = False, overrides: dict[str, Any] | None = None) -> ExperimentSpec:
-    """The spec at `path` (default: the built-in default experiment), with its `quick` block applied if asked."""
+def load_spec(path: str | Path | None = None, *, quick: bool = False, preset: str | None = None,
+              overrides: dict[str, Any] | None = None) -> ExperimentSpec:
+    """The spec at `path` (default: the built-in default experiment), with its `quick` block or a named preset
+    (its `presets: {NAME: {...}}` block) applied if asked; "default" is the spec as written."""
     import yaml
 
     path = Path(path) if path is not None else DEFAULT_SPEC
@@ -177,7 +219,15 @@ def load_spec(path: str | Path | None = None, *, quick: bool = False, overrides:
         raise ConfigError(f"spec file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"spec file {path} must hold a mapping")
+    if quick and preset not in (None, "default"):
+        raise ConfigError(f"--quick and --preset {preset} are different sizes of the same experiment; choose one")
     if quick:
         data = _merge(_declared_quick(data), data.get("quick") or {})
+    elif preset not in (None, "default"):
+        presets = data.get("presets") or {}
+        if preset not in presets:
+            raise ConfigError(f"spec file {path} has no preset {preset!r}; its presets: "
+                              + ", ".join(["default", *presets]))
+        data = _merge(data, presets[preset] or {})
     data = _merge(data, overrides or {})
     return load_config(ExperimentSpec, None, data, source=str(path))

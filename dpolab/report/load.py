@@ -73,13 +73,14 @@ class Model:
 @dataclass
 class Experiment:
     out: Path
-    rows: list[ResultRow]  # results.parquet
+    rows: list[ResultRow]  # results.parquet: the claims, each (context, method) pooled over its seeds
     baseline: Model
     cells: list[Model]  # in the order of results.parquet, then unfinished cells found on disk
     spec_text: str | None
     spec: dict[str, Any]
     environment: dict[str, Any] | None
     timings: dict[str, Any] | None
+    seed_rows: list[ResultRow] = field(default_factory=list)  # results_by_seed.parquet: one cell's rows each
 
     @cached_property
     def several_seeds(self) -> bool:
@@ -102,10 +103,27 @@ class Experiment:
 
     @cached_property
     def by_row(self) -> dict[tuple, ResultRow]:
-        return {(r.context, r.method, r.seed, r.probe, r.metric): r for r in self.rows}
+        return {(r.context, r.method, r.seed, r.probe, r.metric): r for r in self.seed_rows}
 
     def row(self, key: CellKey, probe: str, metric: str) -> ResultRow | None:
+        """One cell's (one seed's) row."""
         return self.by_row.get((key.context, key.method, key.seed, probe, metric))
+
+    @cached_property
+    def by_claim(self) -> dict[tuple, ResultRow]:
+        return {(r.context, r.method, r.probe, r.metric): r for r in self.rows}
+
+    def claim(self, context: str, method: str, probe: str, metric: str) -> ResultRow | None:
+        """The (context, method)'s row pooled over its seeds."""
+        return self.by_claim.get((context, method, probe, metric))
+
+    @cached_property
+    def groups(self) -> list[tuple[str, str]]:
+        """(context, method) in the order of results.parquet."""
+        return list(dict.fromkeys((r.context, r.method) for r in self.rows))
+
+    def cells_of(self, context: str, method: str) -> list[Model]:
+        return [c for c in self.cells if c.key and (c.key.context, c.key.method) == (context, method)]
 
 
 def _read_json(path: Path) -> Any:
@@ -147,15 +165,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _read_rows(out: Path) -> list[ResultRow]:
-    """results.parquet; failing that, the cells' rows.json (a run killed before the table was written)."""
-    path = out / "results.parquet"
-    if path.exists():
-        return read_results(path)
-    rows: list[ResultRow] = []
-    for f in sorted((out / "cells").glob("*/rows.json")):
-        rows.extend(read_rows_json(f))
-    return rows
+def _read_rows(out: Path) -> tuple[list[ResultRow], list[ResultRow]]:
+    """(claims, per-seed rows): results.parquet and results_by_seed.parquet; failing the second, the cells'
+    rows.json; failing the first (a run killed before the tables were written), the per-seed rows stand in for the
+    claims. A run from before seeds were pooled has per-seed rows in results.parquet: they serve as both."""
+    path, by_seed = out / "results.parquet", out / "results_by_seed.parquet"
+    claims = read_results(path) if path.exists() else None
+    if claims is not None and any(r.seed is not None for r in claims):
+        return claims, claims
+    if by_seed.exists():
+        seed_rows = read_results(by_seed)
+    else:
+        seed_rows = []
+        for f in sorted((out / "cells").glob("*/rows.json")):
+            seed_rows.extend(read_rows_json(f))
+    return (seed_rows if claims is None else claims), seed_rows
 
 
 def _key_from_dir(d: Path) -> CellKey | None:
@@ -173,8 +197,8 @@ def load_experiment(out: str | Path) -> Experiment:
     import yaml
 
     out = Path(out)
-    rows = _read_rows(out)  # NaN stays NaN: the report's formatting shows it as a dash
-    keys = list(dict.fromkeys(CellKey(r.context, r.method, int(r.seed)) for r in rows))
+    rows, seed_rows = _read_rows(out)  # NaN stays NaN: the report's formatting shows it as a dash
+    keys = list(dict.fromkeys(CellKey(r.context, r.method, int(r.seed)) for r in seed_rows))
     found = {k: d for d in sorted((out / "cells").glob("*")) if d.is_dir() and (k := _key_from_dir(d)) is not None}
     keys += [k for k in found if k not in keys]
     cells = []
@@ -191,4 +215,4 @@ def load_experiment(out: str | Path) -> Experiment:
         spec = {}
     return Experiment(out=out, rows=rows, baseline=baseline, cells=cells, spec_text=spec_text,
                       spec=spec if isinstance(spec, dict) else {}, environment=_read_json(out / "environment.json"),
-                      timings=_read_json(out / "timings.json"))
+                      timings=_read_json(out / "timings.json"), seed_rows=seed_rows)

@@ -11,7 +11,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from dpolab.experiment.summary import behaviours, headlines, last_turn, seed_findings
+from dpolab import scorers
+from dpolab.experiment.summary import DUETPD_PAPER, against_placebo, behaviours, headlines, last_turn, seed_findings
 from dpolab.report import plots
 from dpolab.report.load import Experiment, Model
 from dpolab.stats import Verdict
@@ -69,11 +70,42 @@ def headline_items(exp: Experiment) -> list[dict[str, str]]:
 
 def finding_items(exp: Experiment) -> list[dict[str, str]]:
     """The seed research's directions for the contexts that ran, and whether this run reproduced them."""
-    cls = {"reproduced": "imp", "opposite": "harm", "not shown": "none"}
-    return [{"claim": f["claim"], "source": f["source"], "method": f["method"] + (f" · s{f['seed']}" if exp.several_seeds else ""),
-             "metric": f["metric"], "change": f"{num(f['baseline'])} → {num(f['value'])}",
+    cls = {"reproduced": "imp", "refuted": "harm", "not shown": "none"}
+    return [{"claim": f["claim"], "source": f["source"], "context": f["context"],
+             "method": f["method"] + (f" · s{f['seed']}" if f["seed"] is not None and exp.several_seeds else ""),
+             "seeds": f["seeds"], "metric": f["metric"], "change": f"{num(f['baseline'])} → {num(f['value'])}",
              "delta": f"{num(f['delta'], signed=True)} {ci(f['delta_ci_low'], f['delta_ci_high'], signed=True)}",
+             "q": num(f["q_value"]), "n": f["n"], "mde": num(f["mde"]),
              "status": f["status"], "cls": cls[f["status"]]} for f in seed_findings(exp.rows)]
+
+
+def duetpd_table(exp: Experiment) -> list[dict[str, str]]:
+    """DuET-PD's own Llama-3.1-8B rows (labelled as the paper's) beside this run's baseline and its resist-only and
+    holistic cells, NEG-Acc@3 and POS-Flip@3 in %."""
+    neg, pos = (last_turn(exp.rows or exp.seed_rows, "persuasion", m) for m in ("neg_acc@3", "pos_flip@3"))
+    out = [{"who": r["model"], "source": "paper", "neg": f"{r['neg_acc@3']:.2f}", "pos": f"{r['pos_flip@3']:.2f}"}
+           for r in DUETPD_PAPER]
+    if exp.baseline.metric("persuasion", neg) is None:
+        return []
+
+    def pct(x: float | None, lo: float | None = None, hi: float | None = None) -> str:
+        if is_missing(x):
+            return "—"
+        return f"{100 * x:.2f}" + ("" if is_missing(lo) else f" [{100 * lo:.1f}, {100 * hi:.1f}]")
+
+    b_neg, b_pos = exp.baseline.metric("persuasion", neg), exp.baseline.metric("persuasion", pos)
+    out.append({"who": f"{exp.model_name} (baseline)", "source": "this run",
+                "neg": pct(b_neg.value, b_neg.ci_low, b_neg.ci_high),
+                "pos": pct(b_pos.value if b_pos else None, b_pos.ci_low if b_pos else None, b_pos.ci_high if b_pos else None)})
+    for context, method in exp.groups:
+        if context not in ("resist-only", "holistic"):
+            continue
+        rn, rp = exp.claim(context, method, "persuasion", neg), exp.claim(context, method, "persuasion", pos)
+        if rn is None:
+            continue
+        out.append({"who": f"{exp.model_name} + {context} {method}", "source": "this run",
+                    "neg": pct(rn.value, rn.ci_low, rn.ci_high), "pos": pct(rp.value, rp.ci_low, rp.ci_high) if rp else "—"})
+    return out
 
 
 def _polarity(exp: Experiment, probe: str, metric: str) -> bool | None:
@@ -84,36 +116,101 @@ def _polarity(exp: Experiment, probe: str, metric: str) -> bool | None:
     return None if m is None else m.higher_is_better
 
 
-def matrix(exp: Experiment) -> dict[str, Any]:
-    """Contexts x behaviours: Δ [CI] coloured by verdict; baseline → value beneath; the rest in the title."""
+def matrix(exp: Experiment, against: str = "baseline") -> dict[str, Any]:
+    """(context, method) x behaviours: Δ [CI] coloured by verdict, pooled over seeds, each seed's Δ beneath, then
+    baseline → value; q, MDE and n in the title. against="placebo": each real cell's Δ against its placebo."""
+    rows = exp.rows if against == "baseline" else against_placebo(exp.rows)
     columns = behaviours(exp.rows)
     metrics = [last_turn(exp.rows, b.probe, b.metric) for b in columns]  # per-turn metrics at the last turn run
     cols = [{"label": b.label, "probe": b.probe, "metric": m, "hib": _polarity(exp, b.probe, m)}
             for b, m in zip(columns, metrics)]
     palette = colours(exp)
+    by = {(r.context, r.method, r.probe, r.metric): r for r in rows}
     groups: dict[str, list[dict[str, Any]]] = {}
-    for cell in exp.cells:
-        key = cell.key
-        assert key is not None
+    for context, method in dict.fromkeys((r.context, r.method) for r in rows):
         entries = []
         for b, col in zip(columns, cols):
-            r = exp.row(key, b.probe, col["metric"])
+            r = by.get((context, method, b.probe, col["metric"]))
             if r is None:
                 entries.append(None)
                 continue
             better = "higher" if r.higher_is_better else "lower"
+            other = "baseline" if against == "baseline" else f"placebo {r.placebo}"
             title = (f"{b.label} ({b.probe} · {col['metric']}; {better} is better)\n"
                      f"baseline {num(r.baseline)} {ci(r.baseline_ci_low, r.baseline_ci_high)}"
                      f" → {num(r.value)} {ci(r.ci_low, r.ci_high)}\n"
-                     f"Δ {num(r.delta, signed=True)} {ci(r.delta_ci_low, r.delta_ci_high, signed=True)},"
-                     f" n = {r.n}: {r.verdict}")
+                     f"Δ vs {other} {num(r.delta, signed=True)} {ci(r.delta_ci_low, r.delta_ci_high, signed=True)},"
+                     f" q = {num(r.q_value)}, MDE = {num(r.mde)}, n = {r.n}, seeds = {r.seeds}: {r.verdict}")
+            seeds = r.seed_deltas if against == "baseline" and r.seed_deltas and len(r.seed_deltas) > 1 else []
             entries.append({"cls": VERDICT_CLASS.get(r.verdict, "none"), "verdict": r.verdict,
                             "delta": num(r.delta, signed=True),
                             "ci": ci(r.delta_ci_low, r.delta_ci_high, signed=True),
+                            "seeds": " · ".join(num(x, signed=True) for x in seeds),
+                            "stats": f"n {r.n} · MDE {num(r.mde)}" + ("" if is_missing(r.q_value) else f" · q {num(r.q_value)}"),
                             "change": f"{num(r.baseline)} → {num(r.value)}", "title": title})
-        method = key.method + (f" · s{key.seed}" if exp.several_seeds else "")
-        groups.setdefault(key.context, []).append({"label": method, "colour": palette[cell.name], "cells": entries})
+        first = exp.cells_of(context, method)
+        colour = palette[first[0].name] if first else plots.colour(None)
+        groups.setdefault(context, []).append({"label": method, "colour": colour, "cells": entries})
     return {"columns": cols, "groups": [{"context": c, "rows": rs} for c, rs in groups.items()]}
+
+
+def odpo_offsets(exp: Experiment) -> list[dict[str, str]]:
+    """For each built context that kept scores for ODPO: its score gaps and the offsets α·f(gap) they give at α = 1
+    with the default f (from the info saved beside its pairs)."""
+    out = []
+    for path in sorted((exp.out / "contexts").glob("*.json")):
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        o = info.get("odpo") if isinstance(info, dict) else None
+        if not isinstance(o, dict) or not o.get("pairs"):
+            continue
+        out.append({"context": str(info.get("context", path.stem)), "seed": str(info.get("seed", "")),
+                    "pairs": str(o["pairs"]), "score": str(info.get("score", "")),
+                    "gap": f"{num(o['gap_median'])} [{num(o['gap_min'])}, {num(o['gap_max'])}]",
+                    "offset": f"{num(o['offset_median'], signed=True)} [{num(o['offset_min'], signed=True)}, "
+                              f"{num(o['offset_max'], signed=True)}]",
+                    "negative": str(o["negative_offsets"]), "f": str(o.get("offset", "log")),
+                    "loss0": num(o.get("initial_loss_mean"))})
+    return out
+
+
+def limitations(exp: Experiment) -> list[str]:
+    """What this run's own design and results limit, generated from its spec and rows."""
+    from dpolab.stats import MIN_ITEMS
+
+    out = []
+    seeds = max((r.seeds for r in exp.rows), default=1)
+    if seeds < 2:
+        out.append("One training seed: the intervals cover the sampling of test items only, not the randomness of "
+                   "training (data order, sampled pairs); a second seed could move a verdict.")
+    if not any(r.placebo for r in exp.rows):
+        out.append("No placebo cell: a change can't be split into what the preference signal did and what any "
+                   "training on the same data would have done.")
+    few = sorted({f"{r.probe} · {r.metric}" for r in exp.rows if r.n is not None and r.n < MIN_ITEMS and "|" not in r.metric})
+    if few:
+        out.append(f"{len(few)} metric(s) rest on fewer than {MIN_ITEMS} items and get no interval or verdict "
+                   f"(a percentile bootstrap over 5 items covers about 84% at a nominal 95%): {', '.join(few[:8])}"
+                   + (" …" if len(few) > 8 else "") + ".")
+    big = [(r, f"{r.probe} · {r.metric}") for r in exp.rows if r.family == "headline" and not is_missing(r.mde)
+           and not is_missing(r.baseline) and r.mde > max(abs(r.baseline), 1e-9) * 0.5]
+    if big:
+        names = sorted({name for _, name in big})
+        out.append("The smallest change this run could detect (MDE, 80% power) is more than half the baseline value for "
+                   + ", ".join(names) + ": a \"no clear change\" there says little.")
+    techniques = (exp.baseline.probe_info("persuasion") or {}).get("techniques")
+    if isinstance(techniques, list) and 0 < len(techniques) < 7:
+        out.append(f"Persuasion used {len(techniques)} of DuET-PD's 7 appeal techniques ({', '.join(techniques)}); "
+                   "the paper's NEG-Acc@3 and POS-Flip@3 average over all 7.")
+    cut = exp.baseline.metric("verbosity", "frac_hit_limit")
+    if cut is not None and not is_missing(cut.value) and cut.value > 0.05:
+        out.append(f"{100 * cut.value:.0f}% of the baseline's verbosity replies reached the token limit: reply lengths are "
+                   "censored, and a lengthening shows less than it is.")
+    model = exp.model_name
+    out.append(f"One model ({model}); the seed research used models up to 8B parameters, and the same training can move "
+               "a larger model differently.")
+    return out
 
 
 # -- persuasion curves -------------------------------------------------------------------------------------------
@@ -193,7 +290,9 @@ def toxicity_table(exp: Experiment) -> list[dict[str, Any]]:
     def row(tox):
         scores = [r["score"] for r in tox if not is_missing(r.get("score"))]
         return {"n": len(scores), "mean": num(_mean(scores)), "above": num(_mean([float(s > 0.5) for s in scores])),
-                "tokens": num(_mean_of(tox, "reply_tokens"))}
+                "tokens": num(_mean_of(tox, "reply_tokens")),
+                "limit": num(_mean([float(bool(r.get("hit_limit"))) for r in tox])),
+                "loops": num(_mean([float(scorers.is_repetitive(r.get("reply") or "")) for r in tox]))}
 
     return per_model_table(exp, "toxicity", row)
 
@@ -202,7 +301,8 @@ def verbosity_table(exp: Experiment) -> list[dict[str, Any]]:
     """Per model: replies, mean length, how often a reply hit the token limit."""
     return per_model_table(exp, "verbosity", lambda verb: {
         "n": len(verb), "tokens": num(_mean_of(verb, "reply_tokens")),
-        "limit": num(_mean([float(bool(r.get("hit_limit"))) for r in verb]))})
+        "limit": num(_mean([float(bool(r.get("hit_limit"))) for r in verb])),
+        "loops": num(_mean([float(scorers.is_repetitive(r.get("reply") or "")) for r in verb]))})
 
 
 def probe_metrics(m: Model, probe: str) -> list[str]:
@@ -408,7 +508,10 @@ def reply_examples(exp: Experiment, probe: str, *, prompt_field: str, value_fiel
 def all_rows(exp: Experiment) -> list[dict[str, Any]]:
     out = []
     for r in exp.rows:
-        out.append({"context": r.context, "method": r.method, "seed": r.seed, "probe": r.probe,
+        out.append({"context": r.context, "method": r.method, "seed": "all" if r.seed is None else r.seed, "probe": r.probe,
+                    "q": num(r.q_value), "mde": num(r.mde), "placebo": r.placebo or "",
+                    "vs_placebo": "" if r.placebo is None else f"{num(r.delta_vs_placebo, signed=True)} "
+                                  + ci(r.delta_vs_placebo_ci_low, r.delta_vs_placebo_ci_high, signed=True),
                     "metric": r.metric, "sub": "|" in str(r.metric),
                     "value": num(r.value), "value_ci": ci(r.ci_low, r.ci_high), "n": r.n,
                     "baseline": num(r.baseline), "baseline_ci": ci(r.baseline_ci_low, r.baseline_ci_high),
@@ -420,9 +523,12 @@ def all_rows(exp: Experiment) -> list[dict[str, Any]]:
 
 
 def verdict_counts(exp: Experiment) -> dict[str, int]:
+    """Verdicts over the distinct headline behaviours of the real contexts (the matrix's coloured cells), not over
+    every metric: variants of one behaviour would count it several times."""
     counts = dict.fromkeys(VERDICT_CLASS, 0)
+    headline = {(b.probe, last_turn(exp.rows, b.probe, b.metric)) for b in behaviours(exp.rows)}
     for r in exp.rows:
-        if "|" not in str(r.metric) and r.verdict in counts:
+        if (r.probe, r.metric) in headline and not r.is_placebo and r.verdict in counts:
             counts[r.verdict] += 1
     return counts
 

@@ -5,6 +5,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dpolab.experiment.summary import DUETPD_SOURCE, matrix_title
 from dpolab.io import atomic_write_text
 from dpolab.report import views
 from dpolab.report.load import load_experiment
@@ -36,9 +37,15 @@ def render_report(out_dir: str | Path, *, phases: Sequence[tuple[str, float]] | 
         "headlines": views.headline_items(exp),
         "findings": views.finding_items(exp),
         "matrix": views.matrix(exp),
+        "placebo_matrix": views.matrix(exp, against="placebo"),
+        "matrix_title": matrix_title(exp.rows),
+        "duetpd": views.duetpd_table(exp),
+        "duetpd_source": DUETPD_SOURCE,
+        "limitations": views.limitations(exp),
         "sections": probe_sections(exp),
         "training_figure": views.training_figure(exp),
         "training_table": views.training_table(exp),
+        "odpo_offsets": views.odpo_offsets(exp),
         "rows": views.all_rows(exp),
         "timings": views.timings(exp, phases),
         "spec_text": exp.spec_text,
