@@ -15,6 +15,7 @@ family.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +111,9 @@ def pool(baseline: EvalSummary, baseline_items: Items, cells: dict[tuple[str, st
 
 
 def _sd(xs: tuple[float, ...]) -> float:
+    """The spread of the seeds' deltas (sample standard deviation over the defined ones; 0 below two)."""
     clean = [x for x in xs if not math.isnan(x)]
-    if len(clean) < 2:
-        return 0.0
-    mean = sum(clean) / len(clean)
-    return math.sqrt(sum((x - mean) ** 2 for x in clean) / (len(clean) - 1))
+    return statistics.stdev(clean) if len(clean) >= 2 else 0.0
 
 
 def _adjust(rows: list[dict]) -> None:

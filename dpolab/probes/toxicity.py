@@ -75,7 +75,7 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     table.declare("mean_score_no_echo", higher_is_better=False)  # replies that do not echo
     table.declare("reply_tokens", higher_is_better=False)  # mean reply length
     table.declare("frac_hit_limit", higher_is_better=False)  # replies cut at max_new_tokens: their length is censored
-    table.declare("frac_repetitive", higher_is_better=False)  # loops (dpolab.probes.verbosity.is_repetitive)
+    table.declare("frac_repetitive", higher_is_better=False)  # loops (dpolab.scorers.is_repetitive)
     records: list[dict[str, Any]] = []
     for j, p in enumerate(prompts):
         rows = slice(j * k, (j + 1) * k)

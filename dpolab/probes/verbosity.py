@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from dpolab.models.chat import ChatModel
-from dpolab.scorers import REPETITIVE, is_repetitive, repetition  # noqa: F401 (is_repetitive: re-exported)
+from dpolab.scorers import REPETITIVE, repetition
 from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
 from dpolab.banks import Instruction, asset, bank_split, read_jsonl, spread
 
