@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from dpolab.contexts import CONTEXTS
 from dpolab.errors import ConfigError
 from dpolab.experiment.spec import load_spec
 
@@ -56,10 +57,27 @@ def test_spec_errors_are_clear(tmp_path, tiny_model_dir, change, message):
 
 def test_default_spec_loads_with_and_without_quick():
     default, quick = load_spec(), load_spec(quick=True)
-    assert {c for c, _, _ in default.cells()} == {"please-user", "resist-only", "holistic", "detox", "length-biased-judge"}
-    assert ("detox", "odpo", 0) in default.cells()
+    # the default: one context against its placebo, three seeds of every cell
+    assert default.cells() == [(c, "dpo", s) for s in (0, 1, 2) for c in ("detox", "shuffled:detox")]
+    # --quick: a smoke run of every context with each one's declared quick sizes, one seed, a placebo too
+    assert {c for c, _, _ in quick.cells()} == {"please-user", "resist-only", "holistic", "detox", "length-biased-judge",
+                                               "shuffled:detox"}
+    assert {s for _, _, s in quick.cells()} == {0} and ("detox", "odpo", 0) in quick.cells()
     assert quick.probes.sizes["persuasion"]["n_items"] < default.probes.sizes["persuasion"]["n_items"]
-    assert ("shuffled:detox", "dpo", 0) in quick.cells()  # the smoke test runs a placebo too
+    for name, entry in quick.contexts.items():
+        assert entry.options == {**load_spec(preset="full").contexts[name].options, **CONTEXTS.get(name).quick}, name
+
+
+def test_fingerprint_is_what_the_run_computes(tmp_path):
+    """Retuning another preset, the quick block or the budgets leaves a run's fingerprint (and so --resume) intact."""
+    from dpolab.experiment.spec import DEFAULT_SPEC
+
+    data = yaml.safe_load(DEFAULT_SPEC.read_text(encoding="utf-8"))
+    retuned = {**data, "contexts": {"detox": {**data["contexts"]["detox"], "options": {"n_prompts": 8, "k": 2}}},
+               "budgets": {"total_minutes": 1}, "quick": {"seeds": [5]}}
+    path = write_spec(tmp_path, retuned)
+    assert load_spec(path, preset="full").fingerprint() == load_spec(preset="full").fingerprint()
+    assert load_spec(path).fingerprint() != load_spec().fingerprint()
 
 
 def test_presets_and_placebo_cells():

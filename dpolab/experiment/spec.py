@@ -167,7 +167,11 @@ class ExperimentSpec(StrictModel):
         return out
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """What the run computes (the resolved spec, its probe names included) without the blocks that only choose
+        sizes (`quick`, `presets`, already applied) or state expectations (`budgets`): a run resumes after another
+        preset is retuned."""
+        keep = self.model_dump(mode="json", exclude={"quick", "presets", "budgets"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -221,8 +225,9 @@ def load_spec(path: str | Path | None = None, *, quick: bool = False, preset: st
         raise ConfigError(f"spec file {path} must hold a mapping")
     if quick and preset not in (None, "default"):
         raise ConfigError(f"--quick and --preset {preset} are different sizes of the same experiment; choose one")
-    if quick:
-        data = _merge(_declared_quick(data), data.get("quick") or {})
+    if quick:  # declared quick sizes for every context, also those the quick block adds; the block's keys on top
+        over = data.get("quick") or {}
+        data = _merge(_declared_quick(_merge(data, over)), over)
     elif preset not in (None, "default"):
         presets = data.get("presets") or {}
         if preset not in presets:
