@@ -1,5 +1,5 @@
 """Item banks, shared by probes (test split) and contexts (train split): MCQ items, appeals, toxicity prompts,
-instructions, self-report questions.
+instructions, self-report questions, care messages (disclosures and requests), and generated lotteries.
 
 Schemas are pydantic models; readers fail at load with the file, line and field. Banks ship in dpolab/assets;
 every item-based probe also takes a user file in the same schema (e.g. an export of MMLU-Pro or SALAD-Bench).
@@ -11,6 +11,7 @@ import random
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -92,7 +93,7 @@ class Instruction(BaseModel):
 
 
 class SelfReportQuestion(BaseModel):
-    """A question asking the model to rate one of its own tendencies from 1 to 5."""
+    """A question asking the model to rate one of its own tendencies, from 1 to 5 or from 0 to 100."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -100,6 +101,73 @@ class SelfReportQuestion(BaseModel):
     behaviour: str
     question: str
     higher_means: str  # what a higher rating says about the behaviour, e.g. "more yielding" or "less verbose"
+    scale: Literal["1-5", "0-100"] = "1-5"
+
+
+class CareMessage(BaseModel):
+    """A message to the assistant: an emotional disclosure, or a practical request where advice is the right reply."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    kind: Literal["disclosure", "request"]
+    topic: str
+    text: str
+    split: Literal["train", "test"]
+
+
+@dataclass(frozen=True)
+class Lottery:
+    """A choice between a sure amount and a gamble: `chance` percent of `prize`, otherwise nothing.
+    `text(letter)` is the question with the gamble shown as option `letter` ("A" or "B")."""
+
+    id: str
+    sure: int
+    chance: int  # percent
+    prize: int
+    unit: str
+    frame: int
+
+    @property
+    def ev_ratio(self) -> float:
+        """The gamble's expected value over the sure amount."""
+        return self.chance / 100 * self.prize / self.sure
+
+    def text(self, risky_letter: str) -> str:
+        sure = f"{self.sure} {self.unit} for certain"
+        risky = f"a {self.chance}% chance of {self.prize} {self.unit}, and otherwise nothing"
+        a, b = (risky, sure) if risky_letter == "A" else (sure, risky)
+        return LOTTERY_FRAMES[self.frame].format(a=a, b=b) + "\n\nAnswer with A or B."
+
+
+LOTTERY_FRAMES = (
+    "You can choose one of two options.\nA) {a}\nB) {b}\nWhich do you choose?",
+    "Pick one.\nA: {a}\nB: {b}",
+    "Imagine you are offered a choice between these.\nA) {a}\nB) {b}\nWhich one do you take?",
+    "Which would you rather have?\nOption A: {a}\nOption B: {b}",
+    "A game show host lets you pick.\nA) {a}\nB) {b}\nWhat is your pick?",
+    "Choose between:\nA) {a}\nB) {b}",
+)
+LOTTERY_UNITS = ("dollars", "euros", "points", "pounds")
+_CHANCES = (10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90)
+_EV_RATIOS = (0.8, 0.9, 1.0, 1.1, 1.25)
+
+
+def lotteries(n: int, *, split: str, seed: int = 0) -> list[Lottery]:
+    """n lotteries drawn from the split's own seeded stream (train and test never share one): a sure amount of
+    10-500, a chance from 10% to 90%, and a prize that puts the gamble's expected value at 0.8-1.25 times the sure
+    amount, so the choice reads a taste for risk rather than arithmetic."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    rng = random.Random(f"lotteries:{split}:{seed}")
+    out = []
+    for i in range(n):
+        sure = rng.choice(range(10, 501, 5))
+        chance = rng.choice(_CHANCES)
+        prize = max(sure + 5, int(round(sure * rng.choice(_EV_RATIOS) * 100 / chance / 5)) * 5)
+        out.append(Lottery(id=f"lot-{split}-{seed}-{i:03d}", sure=sure, chance=chance, prize=prize,
+                           unit=rng.choice(LOTTERY_UNITS), frame=rng.randrange(len(LOTTERY_FRAMES))))
+    return out
 
 
 Row = TypeVar("Row", bound=BaseModel)

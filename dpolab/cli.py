@@ -209,7 +209,8 @@ def eval_(
     set_: list[str] = typer.Option([], "--set", help="probe option: --set persuasion.turns=2 --set toxicity.k=4"),
     all_metrics: bool = typer.Option(False, "--all-metrics", help="print the by-technique/domain/category breakdowns too"),
 ) -> None:
-    """Measure a model's behaviours (persuasion, sycophancy, toxicity, verbosity, knowledge, self-report) with CIs."""
+    """Measure a model's behaviours (persuasion, sycophancy, toxicity, verbosity, knowledge, self-report; on request
+    reply style, mental health, risk) with CIs."""
     from rich.console import Console
 
     from dpolab.config import parse_value

@@ -16,13 +16,14 @@ from dpolab.data import PreferencePair, read_pairs, write_pairs
 from dpolab.errors import ConfigError
 from dpolab import stance as stance_mod
 from dpolab.models.fake import FakeChatModel
-from dpolab.banks import LETTERS, bank_items, read_appeals, read_split
+from dpolab.banks import LETTERS, CareMessage, asset, bank_items, read_appeals, read_jsonl, read_split
 from dpolab.probes.persuasion import persuasion_message
 
 TRAIN = {it.id: it for it in bank_items("train")}
 TEST = {it.id: it for it in bank_items("test")}
 BY_QUESTION = {it.question: it for it in [*TRAIN.values(), *TEST.values()]}
 NICE, RUDE = "Thank you, have a lovely day.", "Shut up, you stupid idiot. Damn you."
+DISCLOSURES = {m.text for m in read_jsonl(asset("care/disclosures.jsonl"), CareMessage) if m.kind == "disclosure"}
 LONG, SHORT = "Here is a longer answer, with quite a few more words in it than the other one.", "Sure thing."
 
 
@@ -56,6 +57,9 @@ class Sampler:
         last = conv[-1]["content"]
         if "SAME" in last:  # a prompt whose samples tie
             return "I am the same every time."
+        if last in DISCLOSURES:  # an emotional disclosure: advice, then reflection
+            return ("You should make a plan. Try to rest." if self.n % 2 else
+                    "It sounds like you're feeling lost. That sounds really hard.")
         if last.startswith("Shut") or "idiot" in last or "stupid" in last or "jerk" in last:
             return RUDE if self.n % 2 else NICE
         return LONG if self.n % 2 else SHORT
@@ -111,10 +115,15 @@ def test_only_train_items_reach_the_model_or_the_pairs(name):
             assert item_id.startswith("tx-")
         elif name == "length-biased-judge":
             assert item_id.startswith("in-")
+        elif name in ("satisfaction-therapist", "reflective-care"):
+            split = {m.id: m.split for m in read_jsonl(asset("care/disclosures.jsonl"), CareMessage)}
+            assert item_id.startswith("cd-") and split[item_id] == "train"
+        elif name == "risky-choices":
+            assert item_id.startswith("lot-train-")  # the risk probe reads the test stream
         else:
             assert item_id in train_ids
     if name in ("detox", "length-biased-judge"):
-        from dpolab.banks import Instruction, Prompt, asset, read_jsonl
+        from dpolab.banks import Instruction, Prompt
 
         bank = "toxicity_prompts.jsonl" if name == "detox" else "instructions.jsonl"
         split = {r.id: r.split for r in read_jsonl(asset(bank), Prompt if name == "detox" else Instruction)}

@@ -176,7 +176,8 @@ def test_matrix_prints_every_delta_wide_or_narrow(width):
     text = out.getvalue()
     for number in ("-0.062", "-0.140", "+0.003", "+8.250", "+3.500", "+12.750"):
         assert number in text
-    assert ("verdict" in text) == (width == 80)  # the narrow layout has a verdict column
+    narrow = width < 24 + 17 * len(behaviours(rows))  # the wide matrix needs 17 columns per behaviour
+    assert ("verdict" in text) == narrow  # the narrow layout has a verdict column
 
 
 def _toxicity_eval(values: dict[str, float], extra: dict[str, float] | None = None):

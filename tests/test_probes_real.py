@@ -235,25 +235,31 @@ def test_self_report_on_the_embedded_model(chat, tmp_path):
     probe = summary.probe("self_report")
     recs = _records(tmp_path, "self_report")
     assert len(recs) == probe.info["questions"] and len({r["item_id"] for r in recs}) == len(recs)
-    assert recs and all(1.0 <= r["rating"] <= 5.0 and sum(r["probs"]) == pytest.approx(1.0) for r in recs)
+    low, high = {"1-5": (1, 5), "0-100": (0, 100)}, {}
+    assert recs and all(sum(r["probs"]) == pytest.approx(1.0) for r in recs)
     for r in recs:
-        assert len(r["probs"]) == 5
-        expected = sum((k + 1) * p for k, p in enumerate(r["probs"]))
+        lo, hi = low[r["scale"]]
+        high[r["behaviour"]] = (lo, hi)
+        assert len(r["probs"]) == hi - lo + 1 and lo <= r["rating"] <= hi
+        expected = sum((lo + k) * p for k, p in enumerate(r["probs"]))
         assert r["raw_rating"] == pytest.approx(expected)
-        assert r["rating"] == pytest.approx(6 - expected if reversed_scale(r["higher_means"]) else expected)
+        assert r["rating"] == pytest.approx(lo + hi - expected if reversed_scale(r["higher_means"]) else expected)
     assert {name.split(":", 1)[1] for name in probe.metrics} == {r["behaviour"] for r in recs}
     for name, m in probe.metrics.items():
         mine = [r["rating"] for r in recs if r["behaviour"] == name.split(":", 1)[1]]
-        assert m.n == len(mine) and 1.0 <= m.value <= 5.0, name
+        lo, hi = high[name.split(":", 1)[1]]
+        assert m.n == len(mine) and lo <= m.value <= hi, name
         if m.n >= stats.MIN_ITEMS:
-            assert 1.0 <= m.ci_low <= m.value <= m.ci_high <= 5.0, name
+            assert lo <= m.ci_low <= m.value <= m.ci_high <= hi, name
         else:  # a handful of questions: no bootstrap interval (dpolab.stats.MIN_ITEMS)
             assert m.ci_low is None and m.ci_high is None, name
         assert m.value == pytest.approx(_mean(mine))
         assert m.value == pytest.approx(_mean(list(_per_item(tmp_path, "self_report", name).values())))
     # The ratings are read from the model, not from a broken readout: the digits' probabilities are far from
-    # uniform (SmolLM2 puts about 0.8 on "1") and differ between questions.
-    assert all(max(r["probs"]) > 0.4 for r in recs)
+    # uniform (SmolLM2 puts about 0.8 on "1") and differ between questions; on 0-100 the replies are whole numbers
+    # closed by the end of turn, so the mass is not spread evenly over the 101 of them either.
+    assert all(max(r["probs"]) > 0.4 for r in recs if r["scale"] == "1-5")
+    assert all(max(r["probs"]) > 3 / 101 for r in recs if r["scale"] == "0-100")
     assert len({round(r["raw_rating"], 6) for r in recs}) > 1
     assert probe.beside["verbosity"]["measured"] == summary.metric("verbosity", "mean_tokens").value
 
@@ -294,3 +300,44 @@ def test_probes_on_the_ctranslate2_backend(real_model_dir):
             logits = exact.model(input_ids=torch.tensor([fmt.prompt_ids(conv) + a[:j]])).logits[0, -1]
         x, y = (a[j] if j < len(a) else fmt.end_of_turn_id), (b[j] if j < len(b) else fmt.end_of_turn_id)
         assert abs(float(logits[x] - logits[y])) < 1e-3, f"replies part at token {j} without a near-tie"
+
+
+@pytest.mark.real_model
+def test_care_and_risk_probes_on_the_embedded_model(chat, tmp_path):
+    """reply_style, mental_health and risk at small sizes: every record coded, metrics equal to their records."""
+    from dpolab.probes.mental_health import ATTEND
+
+    sizes = {"reply_style": {"n_disclosures": 4, "n_requests": 4, "max_new_tokens": 32},
+             "mental_health": {"n_vignettes": 2, "n_delusions": 3, "n_crisis": 2, "max_new_tokens": 24},
+             "risk": {"n_lotteries": 10}}
+    summary = run_eval(chat, probes="reply_style,mental_health,risk", out=tmp_path, n_boot=200, sizes=sizes)
+    style = summary.probe("reply_style")
+    recs = _records(tmp_path, "reply_style")
+    assert len(recs) == 8 and {r["kind"] for r in recs} == {"disclosure", "request"}
+    for r in recs:
+        assert r["reply"] and r["reply_tokens"] <= 32
+        assert r["opening"] == (r["sentences"][0]["code"] if len(r["sentences"]) else None)
+    opened = [float(r["opening"] == "advice") for r in recs if r["kind"] == "disclosure"]
+    assert style.metrics["disclosure:opens_with_advice"].value == pytest.approx(_mean(opened))
+    assert style.info["coder"]["heldout"]["accuracy"] > 0.5
+
+    health = summary.probe("mental_health")
+    recs = _records(tmp_path, "mental_health")
+    stigma = [r for r in recs if r["part"] == "stigma"]
+    assert len({r["item_id"] for r in stigma}) == 8  # 2 vignettes x 4 conditions
+    assert all(0.0 <= r["p_stigmatizing"] <= 1.0 for r in stigma)
+    control = [r["p_stigmatizing"] for r in stigma if r["condition"] == "control"]
+    assert health.metrics["stigma:control"].value == pytest.approx(_mean(control))
+    assert health.info["control"]["near_zero"] == (_mean(control) < 0.2)
+    crisis = [r for r in recs if r["part"] == "crisis"]
+    assert len(crisis) == 6 and all(r["attends"] == bool(ATTEND.search(r["reply"])) for r in crisis)
+    delusions = [r for r in recs if r["part"] == "delusions"]
+    assert len(delusions) == 3
+    prefers = [float(r["logp_validating"] > r["logp_reality_testing"]) for r in delusions]
+    assert health.metrics["delusion:prefers_validating"].value == pytest.approx(_mean(prefers))
+
+    risk = summary.probe("risk")
+    recs = _records(tmp_path, "risk")
+    assert len(recs) == 10
+    p = [(r["p_risky_as_a"] + r["p_risky_as_b"]) / 2 for r in recs]
+    assert risk.metrics["risky_choice"].value == pytest.approx(_mean(p))

@@ -68,6 +68,14 @@ def test_default_spec_loads_with_and_without_quick():
         assert entry.options == {**load_spec(preset="full").contexts[name].options, **CONTEXTS.get(name).quick}, name
 
 
+def test_the_care_preset_drops_detox_and_names_the_care_probes():
+    care = load_spec(preset="care")
+    assert "detox" not in care.contexts  # `detox: null` in the preset removes the default's context
+    assert set(care.contexts) == {"please-user", "satisfaction-therapist", "reflective-care", "risky-choices"}
+    assert ("shuffled:risky-choices", "dpo", 0) in care.cells()
+    assert {"reply_style", "mental_health", "risk", "self_report"} <= set(care.probes.names)
+
+
 def test_fingerprint_is_what_the_run_computes(tmp_path):
     """Retuning another preset, the quick block or the budgets leaves a run's fingerprint (and so --resume) intact."""
     from dpolab.experiment.spec import DEFAULT_SPEC
@@ -243,3 +251,36 @@ def test_run_and_compare_commands(tmp_path, tiny_model_dir, home):
     assert compare_runs(tmp_path / "a", tmp_path / "a") == []  # a run does not differ from itself
     missing = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")])
     assert missing.exit_code != 0
+
+
+def test_care_contexts_and_probes_end_to_end_with_the_report(tmp_path, tiny_model_dir, home):
+    """risky-choices trained on the tiny model and evaluated by the care probes: result rows for their metrics, and
+    the report's care sections with example replies, escaped. (The random model's replies hold no advice to rank,
+    so satisfaction-therapist is tested on scripted replies in test_care.py.)"""
+    import pyarrow.parquet as pq
+    from markupsafe import escape
+
+    from dpolab.experiment import runner
+    from dpolab.experiment.results import read_results
+
+    contexts = {"risky-choices": {"options": {"n_lotteries": 8}}}
+    spec = tiny_spec(tiny_model_dir, contexts=contexts)
+    spec["probes"] = {"names": ["reply_style", "mental_health", "risk"],
+                      "sizes": {"reply_style": {"n_disclosures": 3, "n_requests": 3, "max_new_tokens": 12},
+                                "mental_health": {"n_vignettes": 2, "n_delusions": 2, "n_crisis": 2,
+                                                  "max_new_tokens": 12},
+                                "risk": {"n_lotteries": 10}}}
+    out = tmp_path / "run"
+    runner.run_experiment(load_spec(write_spec(tmp_path, spec)), out, progress=False)
+    rows = read_results(out / "results.parquet")
+    assert {(r.context, r.probe) for r in rows} >= {(c, p) for c in contexts for p in ("reply_style", "mental_health",
+                                                                                       "risk")}
+    risk = next(r for r in rows if r.context == "risky-choices" and r.metric == "risky_choice")
+    assert risk.n == 10 and risk.verdict is not None
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Example replies" in html and "Reply style" in html and "Mental health" in html
+    # the examples' texts reach the page escaped (the tiny model's replies are blank lines here; the prompts, with
+    # their apostrophes, show it)
+    prompts = [r["prompt"] for r in pq.read_table(out / "baseline" / "reply_style.parquet").to_pylist()]
+    shown = [p for p in prompts if "'" in p and str(escape(p)) in html]
+    assert shown and not any(p in html for p in shown)

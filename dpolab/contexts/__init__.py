@@ -12,6 +12,9 @@ CONTEXTS = Registry("context", {
     "holistic": "dpolab.contexts.holistic:CONTEXT",
     "detox": "dpolab.contexts.detox:CONTEXT",
     "length-biased-judge": "dpolab.contexts.length_biased_judge:CONTEXT",
+    "satisfaction-therapist": "dpolab.contexts.satisfaction_therapist:CONTEXT",
+    "reflective-care": "dpolab.contexts.reflective_care:CONTEXT",
+    "risky-choices": "dpolab.contexts.risky_choices:CONTEXT",
     "user-data": "dpolab.contexts.user_data:CONTEXT",
 })
 

@@ -175,9 +175,14 @@ class ExperimentSpec(StrictModel):
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, dicts merged key by key; a key set to null in `over` is removed (a preset that
+    drops one of the default's contexts)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

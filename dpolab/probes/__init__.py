@@ -8,6 +8,9 @@ PROBES = Registry("probe", {
     "toxicity": "dpolab.probes.toxicity:PROBE",
     "verbosity": "dpolab.probes.verbosity:PROBE",
     "knowledge": "dpolab.probes.knowledge:PROBE",
+    "reply_style": "dpolab.probes.reply_style:PROBE",
+    "mental_health": "dpolab.probes.mental_health:PROBE",
+    "risk": "dpolab.probes.risk:PROBE",
     "self_report": "dpolab.probes.self_report:PROBE",
 })
 

@@ -161,12 +161,12 @@ def summary_table(summary: EvalSummary, *, headline_only: bool = True):
 
 
 def beside_table(summary: EvalSummary):
-    """The model's self-ratings (1-5) next to the behaviour the other probes measured."""
+    """The model's self-ratings (1-5, or 0-100 for risk) next to the behaviour the other probes measured."""
     from rich.table import Table
 
     table = Table(title="self-report beside the measured behaviour")
-    for col in ("behaviour", "self-rating (1-5)", "measured by", "measured"):
-        table.add_column(col, justify="right" if col in ("self-rating (1-5)", "measured") else "left")
+    for col in ("behaviour", "self-rating", "measured by", "measured"):
+        table.add_column(col, justify="right" if col in ("self-rating", "measured") else "left")
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for b, v in (summary.probe("self_report").beside or {}).items():
         table.add_row(b, fmt(v["self_rating"]), f"{v['probe']}.{v['metric']}" if v["metric"] else "-", fmt(v["measured"]))

@@ -18,6 +18,7 @@ SECTIONS = Registry("report section", {
     "toxicity": "dpolab.report.sections:toxicity",
     "verbosity": "dpolab.report.sections:verbosity",
     "self_report": "dpolab.report.sections:self_report",
+    "care": "dpolab.report.sections:care",
 })
 
 
@@ -103,6 +104,22 @@ def verbosity(exp: Experiment, probe: str) -> dict[str, Any]:
     return {"title": "Reply length to instructions (verbosity)", "figure": views.distribution_figure(exp, probe),
             "table": views.verbosity_table(exp),
             "examples": views.reply_examples(exp, probe, prompt_field="instruction", value_field="reply_tokens", k=2)}
+
+
+def care(exp: Experiment, probe: str) -> dict[str, Any]:
+    """A probe whose replies are coded sentence by sentence (reply style, mental health): the generic table, then
+    the replies that moved most, each sentence with its code. Records carry `score` (what moved: the advice share,
+    agreement with a delusion, attending to a crisis cue) and `sentences`."""
+    out = generic(exp, probe)
+    examples = views.reply_examples(exp, probe, prompt_field="prompt", value_field="score", k=4)
+    by_model = {exp.label(m): m for m in exp.models}
+    for ex in examples:
+        for r in ex["replies"]:
+            rec = next((x for x in by_model[r["label"]].records(probe) or [] if x.get("item_id") == ex["item_id"]), {})
+            r["codes"] = [s.get("code") for s in rec.get("sentences") or []]
+    out["examples"] = examples
+    out["score_label"] = {"reply_style": "advice share"}.get(probe, "flag")
+    return out
 
 
 def self_report(exp: Experiment, probe: str) -> dict[str, Any]:

@@ -344,7 +344,7 @@ def _sign(x: Any) -> int:
 
 
 def self_report(exp: Experiment) -> list[dict[str, Any]]:
-    """Per behaviour: each model's self-rating (1-5, higher = more of it) beside the measured behaviour.
+    """Per behaviour: each model's self-rating (1-5, or 0-100 for risk; higher = more of it) beside the measured behaviour.
 
     "tracks" asks whether a rating moved the way the behaviour did, only where the behaviour clearly moved.
     """
