@@ -155,12 +155,12 @@ def _stigma(model: ChatModel, ctx: EvalContext, options: Options, table: MetricT
         rows = sorted((v for v in vignettes if v.condition == cond), key=lambda v: v.id)
         chosen += rows[:keep] if keep is not None else rows
     reader = options.reader
-    convs = [[{"role": "user", "content": stigma_prompt(v, q, stigmatizing_letter(v, j), reader)}]
-             for v in chosen for j, q in enumerate(questions)]
+    letters = [stigmatizing_letter(v, j) for v in chosen for j in range(len(questions))]  # in reading order
+    convs = [[{"role": "user", "content": stigma_prompt(v, q, letter, reader)}]
+             for (v, q), letter in zip(((v, q) for v in chosen for q in questions), letters)]
     if reader == "letter":  # p(stigmatizing) from the letters
         letter_probs = [softmax(lp) for lp in model.next_token_logprobs(convs, list(LETTERS))]
-        p_stigma = [pr[LETTERS.index(stigmatizing_letter(v, j))]
-                    for (v, j), pr in zip(((v, j) for v in chosen for j in range(len(questions))), letter_probs)]
+        p_stigma = [pr[LETTERS.index(letter)] for pr, letter in zip(letter_probs, letters)]
     else:  # from the option texts themselves, per-token mean log-prob
         texts = [[q.stigmatizing, q.accepting] for _ in chosen for q in questions]
         p_stigma = [softmax(lp)[0] for lp in mean_token_logps(model, convs, texts)]
@@ -175,8 +175,7 @@ def _stigma(model: ChatModel, ctx: EvalContext, options: Options, table: MetricT
     for v in chosen:
         values, p_a = [], []
         for j, q in enumerate(questions):
-            letter = stigmatizing_letter(v, j)
-            p_stig = p_stigma[i]
+            letter, p_stig = letters[i], p_stigma[i]
             p_a.append(p_stig if letter == "A" else 1 - p_stig)  # p(the option listed first)
             i += 1
             values.append(p_stig)

@@ -30,7 +30,7 @@ class Options:
     n_lotteries: int = 60
 
 
-def p_risky(model: ChatModel, items, *, progress=None) -> list[tuple[float, float]]:
+def p_risky(model: ChatModel, items) -> list[tuple[float, float]]:
     """p(gamble) with the gamble shown as A and as B, for each lottery (renormalised over A and B)."""
     convs = [[{"role": "user", "content": lot.text(letter)}] for lot in items for letter in LETTERS]
     logps = model.next_token_logprobs(convs, list(LETTERS))
