@@ -139,13 +139,22 @@ def _spec_help() -> str:
             f"Probes: {', '.join(PROBES.names())}")
 
 
+def _preset_help() -> str:
+    import yaml
+
+    from dpolab.experiment.spec import DEFAULT_SPEC
+
+    names = list((yaml.safe_load(DEFAULT_SPEC.read_text()) or {}).get("presets") or {})
+    return ("a size or variant the spec names: default (the spec as written) or one of its presets; the built-in "
+            f"spec's: {', '.join(names)} (full: hours, with the power to see small changes)")
+
+
 @app.command()
 def run(
     spec: str = typer.Argument(None, help=_spec_help()),
     out: str = typer.Option(None, help="output folder (default runs/experiment-<time>)"),
     quick: bool = typer.Option(False, "--quick", help="the spec's small variant (minutes, not half an hour)"),
-    preset: str = typer.Option(None, "--preset", help="a size the spec names: default (the spec as written) or full "
-                               "(the built-in spec's hours-long run with the power to see small changes)"),
+    preset: str = typer.Option(None, "--preset", help=_preset_help()),
     resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out, skipping finished cells"),
     backend: str = typer.Option(None, "--backend", help=BACKEND_HELP + "; overrides the spec's backend:"),
     int8: bool = typer.Option(None, "--int8", help=INT8_HELP),
@@ -193,11 +202,21 @@ def _probe_help() -> str:
     return f"comma-separated probes: {', '.join(PROBES.names())}"
 
 
-@app.command("eval")
+def _eval_help() -> str:
+    """The eval command's description, with the default and the on-request probes as their specs declare them."""
+    from dpolab.probes import PROBES, default_probes
+
+    on = default_probes()
+    rest = [n for n in PROBES.names() if n not in on]
+    return (f"Measure a model's behaviours with CIs: by default {', '.join(on)}"
+            + (f"; on request (--probes) {', '.join(rest)}." if rest else "."))
+
+
+@app.command("eval", help=_eval_help())
 def eval_(
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="built-in name, Hugging Face folder, or hub id"),
     out: str = typer.Option(..., "--out", help="folder for summary.json and the per-probe Parquet files"),
-    probes: str | None = typer.Option(None, "--probes", help=_probe_help() + " (default: all)"),
+    probes: str | None = typer.Option(None, "--probes", help=_probe_help() + " (default: those marked default)"),
     items: str | None = typer.Option(None, "--items", help="MCQ items JSONL (id, domain, category, question, options, answer[, target, source]) instead of the shipped test split; all its items are used"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="at most N items, prompts or instructions per probe"),
     stance: str = typer.Option("auto", "--stance", help=f"how MCQ answers are read: {', '.join(STANCE_CHOICES)} (auto: calibrated)"),
@@ -209,8 +228,6 @@ def eval_(
     set_: list[str] = typer.Option([], "--set", help="probe option: --set persuasion.turns=2 --set toxicity.k=4"),
     all_metrics: bool = typer.Option(False, "--all-metrics", help="print the by-technique/domain/category breakdowns too"),
 ) -> None:
-    """Measure a model's behaviours (persuasion, sycophancy, toxicity, verbosity, knowledge, self-report; on request
-    reply style, mental health, risk) with CIs."""
     from rich.console import Console
 
     from dpolab.config import parse_value

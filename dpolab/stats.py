@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
-from scipy import stats as sps
 
 MIN_ITEMS = 10  # fewer items than this: a value, but no interval, p-value or verdict (see the module docstring)
 
@@ -174,6 +173,8 @@ def seed_pooled_delta(
     the interval is Δ ± t·se with Welch–Satterthwaite degrees of freedom, and p is that t test's.
     tests/test_stats.py checks the coverage on simulated runs with a known between-seed variance.
     """
+    from scipy import stats as sps  # imported on use: scipy.stats takes half a second to import
+
     seeds = [np.asarray(b, dtype=float) for b in bs]
     if not seeds:
         raise ValueError("no seeds to pool")
@@ -238,6 +239,8 @@ def q_values(p: Sequence[float]) -> list[float]:
     """Benjamini–Hochberg q-values (the smallest false discovery rate at which each test is a discovery); NaN
     p-values stay NaN and don't count as tests. BH controls the FDR for independent or positively dependent
     tests (Benjamini & Yekutieli 2001), which metrics of one model mostly are."""
+    from scipy import stats as sps  # imported on use: scipy.stats takes half a second to import
+
     x = np.asarray(p, dtype=float)
     out = np.full(x.shape, np.nan)
     ok = ~np.isnan(x)
@@ -259,6 +262,8 @@ def mde(values: Sequence[float], *, seed: int, n_boot: int = 2000, statistic: st
     seeds, when several were run. NaN below MIN_ITEMS items. tests/test_stats.py checks it against a simulated
     power curve of the verdict's own test.
     """
+    from scipy import stats as sps  # imported on use: scipy.stats takes half a second to import
+
     x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
     if x.size < MIN_ITEMS:

@@ -49,6 +49,22 @@ def test_train_help_lists_every_loss():
     assert all(name in result.output for name in LOSSES.names())
 
 
+def test_eval_help_splits_the_probes_by_their_default_flag_and_run_help_lists_the_presets():
+    import re
+
+    import yaml
+
+    from dpolab.experiment.spec import DEFAULT_SPEC
+    from dpolab.probes import PROBES
+
+    text = " ".join(runner.invoke(app, ["eval", "--help"], terminal_width=400).output.split())
+    by_default, on_request = re.search(r"by default (.*?); on request \(--probes\) (.*?)\.", text).groups()
+    assert by_default.split(", ") == [n for n in PROBES.names() if PROBES.get(n).default]
+    assert on_request.split(", ") == [n for n in PROBES.names() if not PROBES.get(n).default]
+    run_help = " ".join(runner.invoke(app, ["run", "--help"], terminal_width=400).output.split())
+    assert all(name in run_help for name in yaml.safe_load(DEFAULT_SPEC.read_text())["presets"])
+
+
 def test_unknown_config_key_lists_valid_keys(tmp_path):
     from dpolab.config import TrainConfig, load_config
     from dpolab.errors import ConfigError

@@ -211,3 +211,36 @@ def test_generation_with_the_growing_cache_is_unchanged(loaded):
                      for h, g in zip(history_a, ga)]
         history_b = [h + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "and?"}]
                      for h, g in zip(history_b, gb)]
+
+
+def test_shared_prefixes_are_the_longest_and_leave_each_prompt_a_token():
+    from dpolab.models.generate import shared_prefixes
+
+    a, b = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7]
+    c, d = [9, 9, 9, 1], [9, 9, 9, 2]
+    assert shared_prefixes([a, c, b, d, [5]], 3) == [[1, 2, 3, 4], [9, 9, 9]]
+    assert shared_prefixes([a, c, b, d], 4) == [[1, 2, 3, 4]]  # [9, 9, 9] is shorter than asked
+    assert shared_prefixes([a, a], 2) == [a[:-1]]  # identical prompts keep their last token to run
+    # a prefix that is the start of a longer shared one is left out: the cache serves it from the longer one
+    assert shared_prefixes([[1, 2, 3, 8], [1, 2, 3, 9], [1, 2, 7]], 2) == [[1, 2, 3]]
+
+
+def test_shared_prompt_prefixes_run_once_and_score_the_same(loaded):
+    """Prompts sharing a long start (one vignette, several questions): the start runs once into the cache and
+    every score equals the one computed without any cache, in float64."""
+    from dpolab.models import generate
+
+    story = "Sam has felt low for weeks, sleeps badly and has stopped seeing friends. " * 2
+    convs = [[{"role": "user", "content": story + q}] for q in ("Would you work with Sam?", "Is Sam dangerous?",
+                                                                  "Would you rent Sam a room?")]
+    convs.append([{"role": "user", "content": "Something else entirely, with no long start in common."}])
+    cached = HFChatModel(loaded, score_batch_size=2)
+    plain = HFChatModel(loaded, prefix_cache_bytes=0)
+    texts = [["yes", "no, never"]] * len(convs)
+    got, want = cached.score_continuations(convs, texts), plain.score_continuations(convs, texts)
+    assert [x for r in got for x in r] == pytest.approx([x for r in want for x in r], rel=RTOL)
+    shared = len(cached.format.prompt_ids([{"role": "user", "content": story}])) - 2  # up to the story's end
+    assert len(cached.cache) == 1 and cached.cache.hits >= 3 * shared >= 3 * generate.SHARED_MIN_TOKENS
+    got = cached.next_token_logprobs(convs, ["A", "B"])  # served by the same entry
+    want = plain.next_token_logprobs(convs, ["A", "B"])
+    assert [x for r in got for x in r] == pytest.approx([x for r in want for x in r], rel=RTOL)

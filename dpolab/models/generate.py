@@ -46,9 +46,8 @@ class PrefixCache:
         self._entries.clear()
         self._used.clear()
 
-    def lookup(self, ids: Sequence[int]) -> scoring.Prefix | None:
-        """The longest cached prefix of `ids`, leaving at least one token to run; None when nothing matches."""
-        row = np.asarray(ids, dtype=np.int64)
+    def _longest(self, row: np.ndarray) -> tuple[int | None, int]:
+        """The entry sharing the longest prefix with `row` (leaving at least one token of it) and that length."""
         best, best_len = None, 0
         for key, (eids, kv, _) in self._entries.items():
             m = min(len(eids), len(row) - 1)
@@ -58,6 +57,17 @@ class PrefixCache:
             n = int(diff[0]) if diff.size else m
             if n > best_len:
                 best, best_len = key, n
+        return best, best_len
+
+    def covers(self, ids: Sequence[int]) -> bool:
+        """Whether all of `ids` is already cached (as an entry or the start of one); counts no hit or miss."""
+        row = np.asarray([*ids, -1], dtype=np.int64)
+        return self._longest(row)[1] == len(ids)
+
+    def lookup(self, ids: Sequence[int]) -> scoring.Prefix | None:
+        """The longest cached prefix of `ids`, leaving at least one token to run; None when nothing matches."""
+        row = np.asarray(ids, dtype=np.int64)
+        best, best_len = self._longest(row)
         if best is None:
             self.misses += len(row)
             return None
@@ -85,6 +95,25 @@ class PrefixCache:
     def _drop(self, key: int) -> None:
         self._entries.pop(key, None)
         self._used.pop(key, None)
+
+
+SHARED_MIN_TOKENS = 48  # a shared prefix shorter than this is not worth its own forward pass
+
+
+def shared_prefixes(prompts: Sequence[Sequence[int]], min_tokens: int) -> list[list[int]]:
+    """The longest prefixes that two or more prompts share, at least `min_tokens` long, each leaving every prompt
+    that has it at least one token of its own; none is the start of another (the cache finds shorter ones in the
+    longer). Prompts in lexicographic order put each prompt beside the one it shares most with."""
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    found = set()
+    for a, b in zip(order, order[1:]):
+        x, y = prompts[a], prompts[b]
+        m = min(len(x), len(y)) - 1
+        n = next((j for j in range(m) if x[j] != y[j]), m)
+        if n >= min_tokens:
+            found.add(tuple(x[:n]))
+    keep = sorted(found)
+    return [list(p) for p, nxt in zip(keep, [*keep[1:], None]) if nxt is None or nxt[:len(p)] != p]
 
 
 class HFChatModel:
@@ -126,6 +155,22 @@ class HFChatModel:
 
     def _prefixes(self, prompts: Sequence[Sequence[int]]) -> list[scoring.Prefix | None] | None:
         return [self.cache.lookup(p) for p in prompts] if self.cache is not None else None
+
+    def _share(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Run once, and cache, each long prefix that several of these prompts share and the cache lacks, so
+        that their lookups find it: the stigma probe's eight questions on one vignette run the vignette once."""
+        if self.cache is None:
+            return
+        rows = [r for r in shared_prefixes(prompts, SHARED_MIN_TOKENS) if not self.cache.covers(r)]
+        with torch.inference_mode():
+            for batch in scoring.batches([len(r) for r in rows], self.score_batch_size):
+                packed = scoring.pack([rows[i] for i in batch], self.format.pad_id)
+                past = scoring.run_new(self.model, packed, use_cache=True, logits_to_keep=1).past_key_values
+                layers = [(layer.keys, layer.values) for layer in past.layers]
+                for b, i in enumerate(batch):
+                    idx = packed.mask[b].nonzero().squeeze(-1)  # (len(row),) the row's own columns
+                    self.cache.add(rows[i], [(k[b].index_select(1, idx), v[b].index_select(1, idx))
+                                             for k, v in layers])
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -201,6 +246,7 @@ class HFChatModel:
             raise ValueError("one list of continuations per conversation")
         prompts = [self.format.prompt_ids(c) for c in conversations]
         conts = [[self.format.ids(t) for t in texts] for texts in continuations]
+        self._share(prompts)
         return scoring.grouped_continuation_logprobs(self.model, prompts, conts, pad_id=self.format.pad_id,
                                                      batch_size=self.score_batch_size,
                                                      prefixes=self._prefixes(prompts))
@@ -210,6 +256,7 @@ class HFChatModel:
     ) -> list[list[float]]:
         cand = self.format.candidate_ids(candidates)
         prompts = [self.format.prompt_ids(c, prefix=prefix) for c in conversations]
+        self._share(prompts)
         return scoring.next_token_logprobs(self.model, prompts, cand, pad_id=self.format.pad_id,
                                            batch_size=self.score_batch_size, prefixes=self._prefixes(prompts))
 

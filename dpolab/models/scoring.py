@@ -169,7 +169,7 @@ def batches(lengths: Sequence[int], size: int):
     return _batches(by_length(lengths), max(1, size))
 
 
-def _run_new(model: torch.nn.Module, packed: Packed, **kwargs):
+def run_new(model: torch.nn.Module, packed: Packed, **kwargs):
     """Forward the new tokens of a packed batch on top of its cached prefixes."""
     return model(input_ids=packed.new_ids, attention_mask=packed.mask, position_ids=packed.pos[:, packed.cached:],
                  past_key_values=packed.past, **kwargs)
@@ -197,7 +197,7 @@ def continuation_logprobs(
         if keep == 0:
             continue
         packed = pack([rows[i] for i in batch], pad_id)
-        logits = _run_new(model, packed, logits_to_keep=keep + 1).logits  # (B, keep+1, V)
+        logits = run_new(model, packed, logits_to_keep=keep + 1).logits  # (B, keep+1, V)
         logps = upcast(logits[:, :-1]).log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j
         tok = logps.gather(-1, packed.ids[:, -keep:, None]).squeeze(-1)  # (B, keep)
         for b, i in enumerate(batch):
@@ -249,7 +249,7 @@ def grouped_continuation_logprobs(
         packed = pack(rows, pad_id, config=config,
                       prefixes=[prefixes[i] for i in batch] if prefixes is not None else None)
         keep = max(heads) + 1
-        res = _run_new(model, packed, use_cache=True, logits_to_keep=keep)
+        res = run_new(model, packed, use_cache=True, logits_to_keep=keep)
         last = upcast(res.logits[:, -keep:]).log_softmax(-1)  # (B, keep, V): position j predicts token T-keep+j+1
         head_lp = []
         for b, (i, h) in enumerate(zip(batch, heads)):
@@ -406,7 +406,7 @@ def next_token_logprobs(
     for batch in batches([len(p) for p in prompts], batch_size):
         packed = pack([prompts[i] for i in batch], pad_id, config=config,
                       prefixes=[prefixes[i] for i in batch] if prefixes is not None else None)
-        logits = _run_new(model, packed, logits_to_keep=1).logits  # (B, 1, V)
+        logits = run_new(model, packed, logits_to_keep=1).logits  # (B, 1, V)
         logps = upcast(logits[:, -1]).log_softmax(-1)[:, cand]  # (B, C)
         for b, i in enumerate(batch):
             out[i] = logps[b].tolist()
@@ -429,7 +429,7 @@ def text_scores(
         batch = [scorable[j] for j in part]
         packed = pack([texts_ids[i] for i in batch], pad_id)
         ids, mask = packed.ids, packed.mask  # (B, T)
-        logits = _run_new(model, packed).logits  # (B, T, V)
+        logits = run_new(model, packed).logits  # (B, T, V)
         logps = upcast(logits[:, :-1]).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         valid = mask[:, :-1].bool() & mask[:, 1:].bool()  # both the context token and the predicted one are real
         for b, i in enumerate(batch):
