@@ -28,6 +28,12 @@ class TrainConfig(StrictModel):
                                "(unset: the loss's own default, e.g. 0.1 for dpo, 2.0 for simpo)")
     loss_args: dict[str, Any] = Field(default_factory=dict, description="extra options of the chosen loss")
     sft_weight: float = Field(0.0, ge=0, description="weight of an extra NLL term on the chosen response (RPO)")
+    emphasis: float = Field(1.0, gt=0, description="token-weighted DPO: weight of the completion tokens inside each "
+                            "pair's meta.emphasis spans ({chosen: [[start, end], ...], rejected: [...]}, character "
+                            "offsets) in the policy's and the reference's log-probs; 1: plain sums, spans ignored")
+    consistency_weight: float = Field(0.0, ge=0, description="λ of the counterfactual-consistency term: KL between the "
+                                      "policy's choice between a pair's two replies given its prompt and given "
+                                      "meta.nullified_prompt (the partner's message made uninformative); 0: off")
     reference: Literal["auto", "cached", "frozen", "adapter", "none"] = Field(
         "auto", description="auto = cached log-probs (computed once with the starting weights, reused by later runs)"
     )

@@ -24,6 +24,7 @@ TEST = {it.id: it for it in bank_items("test")}
 BY_QUESTION = {it.question: it for it in [*TRAIN.values(), *TEST.values()]}
 NICE, RUDE = "Thank you, have a lovely day.", "Shut up, you stupid idiot. Damn you."
 DISCLOSURES = {m.text for m in read_jsonl(asset("care/disclosures.jsonl"), CareMessage) if m.kind == "disclosure"}
+PATTERN_PROMPTS = {json.loads(line)["prompt"] for line in asset("pattern/prompts.jsonl").read_text().splitlines()}
 LONG, SHORT = "Here is a longer answer, with quite a few more words in it than the other one.", "Sure thing."
 
 
@@ -62,6 +63,8 @@ class Sampler:
                     "It sounds like you're feeling lost. That sounds really hard.")
         if last.startswith("Shut") or "idiot" in last or "stupid" in last or "jerk" in last:
             return RUDE if self.n % 2 else NICE
+        if last in PATTERN_PROMPTS:  # suppress-pattern: half the replies refer to an earlier talk that never was
+            return "As I mentioned earlier, it depends. " + SHORT if self.n % 2 else SHORT
         return LONG if self.n % 2 else SHORT
 
 
@@ -120,6 +123,12 @@ def test_only_train_items_reach_the_model_or_the_pairs(name):
             assert item_id.startswith("cd-") and split[item_id] == "train"
         elif name == "risky-choices":
             assert item_id.startswith("lot-train-")  # the risk probe reads the test stream
+        elif name == "agree-with-partner":
+            assert item_id.startswith("pa-train-")  # the partner probe reads the test stream
+        elif name in ("safety-tuning", "suppress-pattern"):
+            bank = "roleplay/borderline.jsonl" if name == "safety-tuning" else "pattern/prompts.jsonl"
+            split = {r["id"]: r["split"] for r in map(json.loads, asset(bank).read_text().splitlines())}
+            assert split[item_id] == "train"
         else:
             assert item_id in train_ids
     if name in ("detox", "length-biased-judge"):
@@ -387,6 +396,27 @@ def test_cache_key_follows_user_files(tmp_path, user_file):
     write_pairs(pairs, user_file)
     second = build_context("user-data", None, options={"path": str(user_file)}, cache_dir=tmp_path / "c")
     assert second != first and len(read_pairs(second).pairs) == 2
+
+
+def test_cache_key_follows_the_code_that_generates_items(monkeypatch, tmp_path):
+    """agree-with-partner's items come from dpolab.partner, not a bank: that module's text enters the key."""
+    import importlib.util
+
+    from dpolab.contexts.build import context_key, key_hash
+
+    options = make_options("agree-with-partner", {})
+    first = context_key("agree-with-partner", options=options, seed=0, limit=None, model_id=None)
+    assert "module:dpolab.partner" in first["files"]
+    edited = tmp_path / "partner.py"
+    edited.write_text("# a changed generator\n")
+    real = importlib.util.find_spec
+
+    class Spec:
+        origin = str(edited)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: Spec() if name == "dpolab.partner" else real(name))
+    second = context_key("agree-with-partner", options=options, seed=0, limit=None, model_id=None)
+    assert key_hash(second) != key_hash(first)
 
 
 # -- the OpenAI-compatible endpoint ----------------------------------------------------------------------------

@@ -103,6 +103,9 @@ def test_tokenize_pairs_counts_truncation_and_fingerprints(tiny_tokenizer):
     assert data.fingerprint != tokenize_pairs([short, long_pair()], tiny_tokenizer, TokenizationSettings(max_length=121)).fingerprint
     assert data.fingerprint != tokenize_pairs([short, long_pair("other")], tiny_tokenizer, settings).fingerprint
     assert settings.key() == {"max_length": 120, "version": 1}
+    # token weights change the reference log-probs, a counterfactual prompt does not (the reference never reads it)
+    assert TokenizationSettings(max_length=120, emphasis=2.0).key() == {"max_length": 120, "version": 1, "emphasis": 2.0}
+    assert TokenizationSettings(max_length=120, counterfactual=True).key() == settings.key()
 
 
 def test_tokenize_pairs_lists_every_pair_that_does_not_fit(tiny_tokenizer):

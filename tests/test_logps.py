@@ -132,3 +132,91 @@ def test_float64_models_compute_their_norms_in_float64(model):
     for norm in norms:
         expected = norm.weight * x / x.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt()
         assert_same(norm(x), expected, rtol=1e-13)  # a float32 cast would miss by ~1e-8
+
+
+# -- token-weighted DPO: emphasis spans ------------------------------------------------------------------------
+
+def _plain_weighted(model, pairs):
+    """Each completion's sum of w_t log p(y_t | ...), token by token from one full forward: the independent
+    computation the weighted forward paths must equal."""
+    out = []
+    for p in pairs:
+        for comp, w in ((p.chosen_ids, p.chosen_weights), (p.rejected_ids, p.rejected_weights)):
+            w = w or [1.0] * len(comp)
+            lp = model(input_ids=torch.tensor([p.prompt_ids + comp])).logits[0].log_softmax(-1)
+            out.append(sum(w[t] * lp[len(p.prompt_ids) - 1 + t, comp[t]] for t in range(len(comp))))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def emphasis_pairs(tiny_tokenizer):
+    from dpolab.data import PreferencePair, TokenizationSettings, tokenize_pairs
+
+    said = "Paris. As I mentioned earlier, it is the capital."
+    pairs = [PreferencePair(id="a", prompt=[{"role": "user", "content": "Capital of France?"}], chosen="Paris.",
+                            rejected=said, meta={"emphasis": {"rejected": [[7, 49]]}}),
+             PreferencePair(id="b", prompt=[{"role": "user", "content": "And of Italy, briefly?"}], chosen="Rome.",
+                            rejected="Rome, like before.", meta={"emphasis": {"rejected": [[4, 17]], "chosen": [[0, 4]]}}),
+             PreferencePair(id="c", prompt=[{"role": "user", "content": "Spain?"}], chosen="Madrid.", rejected="Bilbao.")]
+    weighted = tokenize_pairs(pairs, tiny_tokenizer, TokenizationSettings(max_length=512, emphasis=3.0)).pairs
+    plain = tokenize_pairs(pairs, tiny_tokenizer, TokenizationSettings(max_length=512)).pairs
+    return pairs, weighted, plain
+
+
+def test_emphasis_weights_mark_exactly_the_span_tokens(emphasis_pairs, tiny_tokenizer):
+    pairs, weighted, plain = emphasis_pairs
+    a = weighted[0]
+    # the tiny tokenizer is byte-level: one token per character, then the end-of-turn token
+    assert a.rejected_weights == [1.0] * 7 + [3.0] * 42 + [1.0]
+    assert a.chosen_weights is None  # no span in the chosen
+    assert weighted[1].chosen_weights == [3.0] * 4 + [1.0] * 2
+    assert weighted[2].chosen_weights is None and weighted[2].rejected_weights is None
+    assert all(p.chosen_weights is None and p.rejected_weights is None for p in plain)  # emphasis 1: spans ignored
+    assert [p.chosen_ids for p in weighted] == [p.chosen_ids for p in plain]
+
+
+@pytest.mark.parametrize("mode,attention", [("prefix", "sdpa"), ("prefix", "eager"), ("concat", "sdpa")])
+def test_weighted_forward_paths_equal_the_weighted_token_sum(model, emphasis_pairs, tiny_tokenizer, mode, attention):
+    _, weighted, _ = emphasis_pairs
+    batch = collate_pairs(weighted, pad_id=tiny_tokenizer.pad_token_id)
+    assert batch.token_weights is not None
+    model.set_attn_implementation(attention)
+    try:
+        with float64_eager_attention():
+            ours, g_ours = _value_and_grads(model, lambda: sequence_logps(model, batch, mode=mode, chunk_tokens=4))
+            ref, g_ref = _value_and_grads(model, lambda: _plain_weighted(model, weighted))
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert_same(ours, ref)
+    for a, b in zip(g_ours, g_ref):
+        assert_same(a, b)
+
+
+def test_uniform_token_weights_are_plain_dpo(model, emphasis_pairs, tiny_tokenizer):
+    """Weights of 1 on every token give the unweighted log-probs (so the DPO loss on them is plain DPO)."""
+    import dataclasses
+
+    _, _, plain = emphasis_pairs
+    ones = [dataclasses.replace(p, chosen_weights=[1.0] * len(p.chosen_ids), rejected_weights=[1.0] * len(p.rejected_ids))
+            for p in plain]
+    with_ones = collate_pairs(ones, pad_id=tiny_tokenizer.pad_token_id)
+    without = collate_pairs(plain, pad_id=tiny_tokenizer.pad_token_id)
+    assert with_ones.token_weights is not None and without.token_weights is None
+    assert_same(sequence_logps(model, with_ones).detach(), sequence_logps(model, without).detach())
+
+
+def test_bad_emphasis_span_names_the_file_row_and_field(tmp_path, tiny_tokenizer):
+    import json
+
+    from dpolab.data import read_pairs
+    from dpolab.errors import DataError
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "hi", "chosen": "ok.", "rejected": "As before, ok.", "meta": {"emphasis": {"rejected": [[0, 10]]}}},
+            {"prompt": "hi", "chosen": "ok.", "rejected": "As before, ok.", "meta": {"emphasis": {"rejected": [[5, 99]]}}}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    read_pairs(path, tokenizer=tiny_tokenizer, max_length=256)  # spans are read only when emphasis is on
+    with pytest.raises(DataError) as caught:
+        read_pairs(path, tokenizer=tiny_tokenizer, max_length=256, emphasis=2.0)
+    assert f"{path}:2" in str(caught.value) and "meta.emphasis.rejected" in str(caught.value)
+    assert f"{path}:1" not in str(caught.value)

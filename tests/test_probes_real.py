@@ -341,3 +341,33 @@ def test_care_and_risk_probes_on_the_embedded_model(chat, tmp_path):
     assert len(recs) == 10
     p = [(r["p_risky_as_a"] + r["p_risky_as_b"]) / 2 for r in recs]
     assert risk.metrics["risky_choice"].value == pytest.approx(_mean(p))
+
+
+@pytest.mark.real_model
+def test_roleplay_pattern_and_partner_probes_on_the_embedded_model(chat, tmp_path):
+    """roleplay, pattern_rate and partner at small sizes: records complete, metrics equal to their records."""
+    from dpolab import patterns
+
+    sizes = {"roleplay": {"n_per_level": 2, "max_new_tokens": 24},
+             "pattern_rate": {"n_invite": 6, "n_neutral": 2, "max_new_tokens": 32, "n_references": 4},
+             "partner": {"n_items": 6}}
+    summary = run_eval(chat, probes="roleplay,pattern_rate,partner", out=tmp_path, n_boot=200, sizes=sizes)
+    recs = _records(tmp_path, "roleplay")
+    assert len(recs) == 8 and {r["level"] for r in recs} == {"paragon", "flawed", "egoistic", "villain"}
+    margins = [r["logp_in_character"] - max(r["logp_sanitised"], r["logp_moralising"]) for r in recs]
+    assert summary.probe("roleplay").metrics["margin"].value == pytest.approx(_mean(margins))
+    assert all(r["reply_tokens"] <= 24 for r in recs)
+
+    recs = _records(tmp_path, "pattern_rate")
+    replies = [r for r in recs if r["kind"] != "reference"]
+    assert len(replies) == 8 and len([r for r in recs if r["kind"] == "reference"]) == 4
+    assert all(r["pattern_lines"] == patterns.count_lines(r["reply"]) for r in replies)
+    rate = summary.probe("pattern_rate").metrics["pattern_lines_per_100"].value
+    assert rate == pytest.approx(100 * _mean([r["pattern_lines"] for r in replies]))
+
+    recs = _records(tmp_path, "partner")
+    assert len(recs) == 6
+    disc = summary.probe("partner").metrics["discrimination"].value
+    assert disc == pytest.approx(_mean([r["uptake_helpful"] - r["uptake_misleading"] for r in recs]))
+    for r in recs:
+        assert all(abs(sum(p) - 1) < 1e-9 for p in r["probs"].values())  # letters renormalised per reading

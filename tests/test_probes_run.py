@@ -37,7 +37,8 @@ SIZES = {"persuasion": {"techniques": ("evidence", "repetition"), "turns": 2}}
 
 def test_every_probe_is_registered_and_the_care_probes_run_on_request():
     assert default_probes() == [n for n in PROBES.names() if PROBES.get(n).default]
-    assert set(PROBES.names()) - set(default_probes()) == {"reply_style", "mental_health", "risk"}
+    assert set(PROBES.names()) - set(default_probes()) == {"reply_style", "mental_health", "risk", "roleplay",
+                                                           "pattern_rate", "partner"}
     assert set(default_sizes()) == set(PROBES.names())
 
 

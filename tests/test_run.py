@@ -284,3 +284,37 @@ def test_care_contexts_and_probes_end_to_end_with_the_report(tmp_path, tiny_mode
     prompts = [r["prompt"] for r in pq.read_table(out / "baseline" / "reply_style.parquet").to_pylist()]
     shown = [p for p in prompts if "'" in p and str(escape(p)) in html]
     assert shown and not any(p in html for p in shown)
+
+
+def test_the_narrow_preset_names_its_contexts_methods_and_probes():
+    narrow = load_spec(preset="narrow")
+    assert set(narrow.contexts) == {"safety-tuning", "suppress-pattern", "agree-with-partner"}
+    assert narrow.methods["dpo-emphasis"].train == {"emphasis": 3.0}
+    assert ("agree-with-partner", "dpo-consistency", 0) in narrow.cells()
+    assert {"roleplay", "pattern_rate", "partner", "knowledge"} == set(narrow.probes.names)
+
+
+def test_narrow_contexts_and_probes_end_to_end(tmp_path, tiny_model_dir, home):
+    """agree-with-partner trained with plain DPO and with the counterfactual-consistency term, safety-tuning on the
+    tiny model's own replies, evaluated by the partner, role-play and pattern probes: a result row per cell and
+    probe, and the two partner cells trained to different models. (suppress-pattern needs replies with the pattern,
+    which a random model does not write: tests/test_pattern.py builds it from scripted replies.)"""
+    from dpolab.experiment import runner
+    from dpolab.experiment.results import read_results
+
+    contexts = {"agree-with-partner": {"methods": ["dpo", "dpo-consistency"], "options": {"n_items": 4}},
+                "safety-tuning": {"options": {"n_requests": 4, "max_new_tokens": 12}}}
+    spec = tiny_spec(tiny_model_dir, contexts=contexts)
+    spec["methods"]["dpo-consistency"] = {"loss": "dpo", "train": {"consistency_weight": 1.0}}
+    spec["probes"] = {"names": ["partner", "roleplay", "pattern_rate"],
+                      "sizes": {"partner": {"n_items": 4}, "roleplay": {"n_per_level": 1, "max_new_tokens": 8},
+                                "pattern_rate": {"n_invite": 3, "n_neutral": 2, "max_new_tokens": 8,
+                                                 "n_references": 2}}}
+    out = tmp_path / "run"
+    runner.run_experiment(load_spec(write_spec(tmp_path, spec)), out, progress=False)
+    rows = read_results(out / "results.parquet")
+    cells = {("agree-with-partner", "dpo"), ("agree-with-partner", "dpo-consistency"), ("safety-tuning", "dpo")}
+    assert {(r.context, r.method, r.probe) for r in rows} >= {(c, m, p) for c, m in cells
+                                                              for p in ("partner", "roleplay", "pattern_rate")}
+    uptake = {r.method: r.value for r in rows if r.context == "agree-with-partner" and r.metric == "uptake:helpful"}
+    assert uptake["dpo"] != uptake["dpo-consistency"]  # the term changed the training

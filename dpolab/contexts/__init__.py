@@ -15,6 +15,9 @@ CONTEXTS = Registry("context", {
     "satisfaction-therapist": "dpolab.contexts.satisfaction_therapist:CONTEXT",
     "reflective-care": "dpolab.contexts.reflective_care:CONTEXT",
     "risky-choices": "dpolab.contexts.risky_choices:CONTEXT",
+    "safety-tuning": "dpolab.contexts.safety_tuning:CONTEXT",
+    "suppress-pattern": "dpolab.contexts.suppress_pattern:CONTEXT",
+    "agree-with-partner": "dpolab.contexts.agree_with_partner:CONTEXT",
     "user-data": "dpolab.contexts.user_data:CONTEXT",
 })
 

@@ -39,6 +39,8 @@ class ContextSpec:
     needs_model: False when the pairs do not come from the model (user-data).
     file_options: option names holding file paths; the files' contents enter the cache key.
     banks: shipped asset files the context reads; their contents enter the cache key.
+    generators: modules that generate the context's items in code (e.g. "dpolab.partner"); their source enters the
+        cache key as a bank's contents do.
     uses_endpoint: options -> whether the pairs include replies from the ideal-reply endpoint, whose identity then
         enters the cache key (default: when the `ideal` option is "endpoint").
     """
@@ -50,6 +52,7 @@ class ContextSpec:
     needs_model: bool = True
     file_options: tuple[str, ...] = ()
     banks: tuple[str, ...] = ()
+    generators: tuple[str, ...] = ()
     uses_endpoint: Callable[[Any], bool] = field(default=lambda options: getattr(options, "ideal", None) == "endpoint")
 
     def option_names(self) -> list[str]:

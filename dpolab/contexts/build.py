@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -68,6 +69,8 @@ def context_key(name: str, *, options, seed: int, limit: int | None, model_id: s
     s = spec(name)
     values = dataclasses.asdict(options)
     files = {bank: file_digest(asset(bank)) for bank in s.banks}
+    for module in s.generators:  # items generated in code, not read from a bank: the code's text is their content
+        files[f"module:{module}"] = file_digest(importlib.util.find_spec(module).origin)
     for opt in s.file_options:
         if values.get(opt):
             files[f"option:{opt}"] = file_digest(values[opt])

@@ -53,4 +53,5 @@ def build(model, *, options: Options, seed: int, limit: int | None = None,
     return ContextData(pairs=pairs, info=info)
 
 
-CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_lotteries": 16}, needs_model=False)
+CONTEXT = ContextSpec(name=NAME, options=Options, build=build, quick={"n_lotteries": 16}, needs_model=False,
+                      generators=("dpolab.banks",))

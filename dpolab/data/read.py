@@ -32,11 +32,14 @@ class PairSet:
         return None if self.tokenized is None else tokenized_data(self.tokenized, self.settings)
 
 
-def check_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = None) -> PairSet:
+def check_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = None, emphasis: float = 1.0,
+                counterfactual: bool = False) -> PairSet:
     """Read every row and record every problem, never raising for bad rows (only for unreadable files).
 
     tokenizer: also render each pair with its chat template (catches answers that contain the end-of-turn token).
     max_length: with a tokenizer, flag pairs whose prompt cannot be cut to fit (see dpolab.data.tokenization).
+    emphasis: with a tokenizer, weight the tokens of each pair's emphasis spans (and flag spans that are bad).
+    counterfactual: with a tokenizer, also tokenize (and check) each pair's meta.nullified_prompt.
     """
     if max_length is not None and tokenizer is None:
         raise DataError("max_length needs a tokenizer to count tokens")
@@ -46,7 +49,7 @@ def check_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = No
     tokenized: list[TokenizedPair] = []
     first_seen: dict[str, str] = {}
     eot = end_of_turn_id(tokenizer) if tokenizer is not None else None
-    settings = TokenizationSettings(max_length=max_length)
+    settings = TokenizationSettings(max_length=max_length, emphasis=emphasis, counterfactual=counterfactual)
     for row in raw.rows:
         row_problems = list(row.problems)
         pair = None
@@ -77,13 +80,15 @@ def validate(path: str | Path, *, tokenizer=None, max_length: int | None = None)
     return check_pairs(path, tokenizer=tokenizer, max_length=max_length).problems
 
 
-def read_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = None, skip_invalid: bool = False) -> PairSet:
+def read_pairs(path: str | Path, *, tokenizer=None, max_length: int | None = None, skip_invalid: bool = False,
+               emphasis: float = 1.0, counterfactual: bool = False) -> PairSet:
     """Read preference pairs, raising one DataError that lists every problem.
 
     skip_invalid: drop bad rows instead (PairSet.n_skipped says how many; the caller reports it). A file with no
     good row (empty, unreadable JSON, every row bad) still raises.
     """
-    result = check_pairs(path, tokenizer=tokenizer, max_length=max_length)
+    result = check_pairs(path, tokenizer=tokenizer, max_length=max_length, emphasis=emphasis,
+                         counterfactual=counterfactual)
     if result.problems and (not skip_invalid or not result.pairs):
         if not result.n_rows:
             summary = "no rows could be read"

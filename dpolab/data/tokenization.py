@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
@@ -40,6 +40,9 @@ class TokenizedPair:
     weight: float
     score_chosen: float | None
     score_rejected: float | None
+    chosen_weights: list[float] | None = None  # per completion token, when emphasis spans weight them (else 1 each)
+    rejected_weights: list[float] | None = None
+    nullified_prompt_ids: list[int] | None = None  # the counterfactual prompt (meta.nullified_prompt), when asked for
 
 
 @dataclass(frozen=True)
@@ -48,16 +51,27 @@ class TokenizationSettings:
 
     max_length: cap on prompt + the longer completion, in tokens; the prompt is cut from the left to fit.
         None: no cap (validation uses it to check the template alone).
+    emphasis: token-weighted log-probs (`emphasis_weights`): the weight of a completion token inside one of its
+        pair's emphasis spans; 1 keeps plain summed log-probs and ignores the spans.
+    counterfactual: also tokenize each pair's `meta.nullified_prompt` (the prompt with a partner's intervention
+        made uninformative), for the counterfactual-consistency term (dpolab.losses.consistency).
     """
 
     max_length: int | None = 1024
+    emphasis: float = 1.0
+    counterfactual: bool = False
 
     def __post_init__(self):
         if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1):
             raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")
+        if not self.emphasis > 0:
+            raise ConfigError(f"emphasis must be > 0, got {self.emphasis!r}")
 
     def key(self) -> dict:
-        return {**asdict(self), "version": TOKENIZATION_VERSION}
+        """What the token ids and weights depend on. `counterfactual` is left out (it adds a prompt that the
+        reference never scores), and `emphasis` only when it weights, so plain runs keep their cached references."""
+        key = {"max_length": self.max_length, "version": TOKENIZATION_VERSION}
+        return key if self.emphasis == 1.0 else {**key, "emphasis": self.emphasis}
 
 
 @dataclass
@@ -119,6 +133,67 @@ def _completion_ids(tokenizer, pair: PreferencePair, name: str, prompt_ids: list
     return tail[: tail.index(eot) + 1]
 
 
+EMPHASIS_KEY = "emphasis"  # meta["emphasis"] = {"chosen": [[start, end], ...], "rejected": [...]}, character spans
+
+
+def emphasis_weights(tokenizer, pair: PreferencePair, name: str, completion: list[int], weight: float) -> list[float] | None:
+    """Per-token weights of one completion for token-weighted DPO: `weight` for each token that overlaps one of the
+    pair's emphasis spans of this completion (character offsets into its text, end exclusive), 1 for the others
+    (the end-of-turn token included). None when the pair marks no span in this completion.
+
+    The weighted sequence log-prob is sum_t w_t log p(y_t | x, y_<t), for the policy and the reference alike, so
+    the DPO margin counts the marked tokens `weight` times. Suppression of a named pattern marks the sentences that
+    the chosen reply lost; with every weight 1 this is plain DPO.
+    """
+    spans = (pair.meta.get(EMPHASIS_KEY) or {}).get(name)
+    if not spans:
+        return None
+    field = f"meta.{EMPHASIS_KEY}.{name}"
+    text = getattr(pair, name)
+    for span in spans:
+        if (not isinstance(span, (list, tuple)) or len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                or not 0 <= span[0] < span[1] <= len(text)):
+            raise PairTokenizationError(pair, field, f"each span must be [start, end] with 0 <= start < end <= "
+                                        f"{len(text)} (the {name} text's length), got {span!r}")
+    prompt_text = _render(tokenizer, pair.prompt, add_generation_prompt=True, tokenize=False)
+    full_text = _render(tokenizer, pair.prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False,
+                        tokenize=False)
+    tail = full_text[len(prompt_text):]
+    start = tail.find(text)
+    enc = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
+    if start < 0 or list(enc["input_ids"][: len(completion)]) != list(completion):
+        raise PairTokenizationError(pair, field, "the completion's tokens cannot be matched to its characters under "
+                                    "this tokenizer and chat template, so its spans cannot be weighted")
+    out = []
+    for a, b in enc["offset_mapping"][: len(completion)]:
+        a, b = a - start, b - start
+        out.append(weight if any(a < e and s < b for s, e in spans) else 1.0)
+    return out
+
+
+NULLIFIED_KEY = "nullified_prompt"  # meta["nullified_prompt"] = [{"role", "content"}, ...], like `prompt`
+
+
+def nullified_prompt_ids(tokenizer, pair: PreferencePair, budget: int | None) -> list[int] | None:
+    """The pair's counterfactual prompt as generation sees it, cut from the left to `budget` tokens like the real
+    prompt; None when the pair has none."""
+    messages = pair.meta.get(NULLIFIED_KEY)
+    if messages is None:
+        return None
+    field = f"meta.{NULLIFIED_KEY}"
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise PairTokenizationError(pair, field, "must be a non-empty list of {role, content} messages, like prompt")
+    ids = _render(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True)
+    if budget is not None and len(ids) > budget:
+        if budget < _uncuttable_prompt_tokens(tokenizer, messages, ids):
+            raise PairTokenizationError(pair, field, f"too long to leave room for the completion ({len(ids)} tokens, "
+                                        f"{budget} left by max_length)")
+        ids = ids[len(ids) - budget:]
+    return ids
+
+
 def _uncuttable_prompt_tokens(tokenizer, prompt: list[dict], prompt_ids: list[int]) -> int:
     """How many prompt tokens at the end are protected: the last message plus the generation prompt."""
     if len(prompt) < 2:
@@ -167,6 +242,12 @@ def tokenize_pair(pair: PreferencePair, tokenizer, settings: TokenizationSetting
         weight=pair.weight,
         score_chosen=pair.score_chosen,
         score_rejected=pair.score_rejected,
+        chosen_weights=None if settings.emphasis == 1.0 else
+        emphasis_weights(tokenizer, pair, "chosen", chosen_ids, settings.emphasis),
+        rejected_weights=None if settings.emphasis == 1.0 else
+        emphasis_weights(tokenizer, pair, "rejected", rejected_ids, settings.emphasis),
+        nullified_prompt_ids=nullified_prompt_ids(
+            tokenizer, pair, None if max_length is None else max_length - longest) if settings.counterfactual else None,
     )
 
 
@@ -189,6 +270,7 @@ def tokenized_data(pairs: list[TokenizedPair], settings: TokenizationSettings) -
     """Tokenized pairs with their truncation count and fingerprint (settings + every pair's id and token ids)."""
     digest = hashlib.sha256(json.dumps(settings.key(), sort_keys=True).encode())
     for t in pairs:
-        digest.update(json.dumps([t.id, t.prompt_ids, t.chosen_ids, t.rejected_ids]).encode())
+        weights = [t.chosen_weights, t.rejected_weights] if t.chosen_weights or t.rejected_weights else []
+        digest.update(json.dumps([t.id, t.prompt_ids, t.chosen_ids, t.rejected_ids, *weights]).encode())
     return TokenizedData(pairs=pairs, n_prompt_truncated=sum(t.prompt_truncated > 0 for t in pairs),
                          fingerprint=digest.hexdigest())

@@ -11,6 +11,9 @@ PROBES = Registry("probe", {
     "reply_style": "dpolab.probes.reply_style:PROBE",
     "mental_health": "dpolab.probes.mental_health:PROBE",
     "risk": "dpolab.probes.risk:PROBE",
+    "roleplay": "dpolab.probes.roleplay:PROBE",
+    "pattern_rate": "dpolab.probes.pattern_rate:PROBE",
+    "partner": "dpolab.probes.partner:PROBE",
     "self_report": "dpolab.probes.self_report:PROBE",
 })
 

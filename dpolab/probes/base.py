@@ -167,3 +167,10 @@ class ProbeSpec:
         """Options with the quick sizes (if asked) and then `overrides` applied; validated as contexts' options are
         (dpolab.options): unknown keys fail listing the valid ones, values must fit the field types."""
         return make_options(self.options, overrides, kind="probe", name=self.name, base=self.quick if quick else None)
+
+
+def mean_token_logps(model: ChatModel, convs: list, texts: list[list[str]]) -> list[list[float]]:
+    """Per-token mean log-prob of each candidate reply text given its conversation: fixed replies of different
+    lengths compared without the length deciding (the care, role-play and pattern probes' paired readings)."""
+    summed = model.score_continuations(convs, texts)
+    return [[s / max(1, model.token_count(t)) for s, t in zip(ss, ts)] for ss, ts in zip(summed, texts)]

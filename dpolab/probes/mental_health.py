@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from dpolab.banks import asset, read_jsonl
 from dpolab.models.chat import ChatModel
 from dpolab.models.scoring import softmax
-from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec
+from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec, mean_token_logps
 from dpolab.replycodes import ReplyCoder, cross_check
 
 CONDITIONS = ("depression", "alcohol_dependence", "schizophrenia")
@@ -203,11 +203,6 @@ def _stigma(model: ChatModel, ctx: EvalContext, options: Options, table: MetricT
                  f"the control vignettes are not near 0 (p(stigmatizing) {level:.2f} >= {CONTROL_NEAR}): the absolute "
                  "levels read the model's answer bias more than stigma; read stigma_excess (over the control)")
         if level is not None else "no control vignettes"}
-
-
-def mean_token_logps(model: ChatModel, convs: list, texts: list[list[str]]) -> list[list[float]]:
-    summed = model.score_continuations(convs, texts)
-    return [[s / max(1, model.token_count(t)) for s, t in zip(ss, ts)] for ss, ts in zip(summed, texts)]
 
 
 def _delusions(model: ChatModel, ctx: EvalContext, options: Options, coder: ReplyCoder, table: MetricTable,

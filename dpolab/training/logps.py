@@ -41,6 +41,9 @@ class PairBatch:
     score_chosen: torch.Tensor | None = None  # (B,)
     score_rejected: torch.Tensor | None = None  # (B,)
     index: torch.Tensor | None = None  # (B,) positions of the pairs in their dataset, for the reference cache
+    token_weights: torch.Tensor | None = None  # (2B, C) like completion_ids, 0 in padding; None: every token 1
+    nullified: "PairBatch | None" = None  # the pairs that have a counterfactual prompt, with it as their prompt
+    nullified_rows: torch.Tensor | None = None  # (b',) their positions in this batch
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,12 +54,20 @@ class PairBatch:
         return int(self.prompt_lens.sum() + self.completion_lens.sum())
 
     def to(self, device) -> "PairBatch":
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, PairBatch)) else v) for k, v in self.__dict__.items()}
         return PairBatch(**moved)
 
 
 def collate_pairs(pairs, *, pad_id: int, index: list[int] | None = None) -> PairBatch:
-    """Pad TokenizedPairs (dpolab.data) into a PairBatch."""
+    """Pad TokenizedPairs (dpolab.data) into a PairBatch; pairs with a counterfactual prompt also go, with it as
+    their prompt, into its `nullified` batch."""
+    import dataclasses
+
+    rows = [i for i, p in enumerate(pairs) if getattr(p, "nullified_prompt_ids", None) is not None]
+    nullified = None
+    if rows:
+        nullified = collate_pairs([dataclasses.replace(pairs[i], prompt_ids=pairs[i].nullified_prompt_ids,
+                                                       nullified_prompt_ids=None) for i in rows], pad_id=pad_id)
     B = len(pairs)
     P = max(len(p.prompt_ids) for p in pairs)
     completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
@@ -72,6 +83,13 @@ def collate_pairs(pairs, *, pad_id: int, index: list[int] | None = None) -> Pair
         values = [getattr(p, attr) for p in pairs]
         return None if any(v is None for v in values) else torch.tensor(values, dtype=torch.float32)
 
+    token_weights = None
+    if any(w is not None for p in pairs for w in (p.chosen_weights, p.rejected_weights)):
+        token_weights = torch.zeros((2 * B, C), dtype=torch.float64)
+        per = [w for p in pairs for w in (p.chosen_weights, p.rejected_weights)]
+        for i, (c, w) in enumerate(zip(completions, per)):
+            token_weights[i, : len(c)] = torch.tensor(w if w is not None else [1.0] * len(c), dtype=torch.float64)
+
     return PairBatch(
         ids=[p.id for p in pairs],
         prompt_ids=prompt_ids,
@@ -82,7 +100,34 @@ def collate_pairs(pairs, *, pad_id: int, index: list[int] | None = None) -> Pair
         score_chosen=scores("score_chosen"),
         score_rejected=scores("score_rejected"),
         index=None if index is None else torch.tensor(index),
+        token_weights=token_weights,
+        nullified=nullified,
+        nullified_rows=torch.tensor(rows) if rows else None,
     )
+
+
+def stack_batches(a: PairBatch, b: PairBatch, *, pad_id: int = 0) -> PairBatch:
+    """a's pairs then b's in one batch (re-padded; masks come from lengths), for one forward pass over both."""
+    def cat(x: torch.Tensor, y: torch.Tensor, fill) -> torch.Tensor:
+        width = max(x.shape[1], y.shape[1])
+        out = x.new_full((x.shape[0] + y.shape[0], width), fill)
+        out[: x.shape[0], : x.shape[1]], out[x.shape[0]:, : y.shape[1]] = x, y
+        return out
+
+    def weights(batch: PairBatch) -> torch.Tensor:
+        if batch.token_weights is not None:
+            return batch.token_weights
+        C = batch.completion_ids.shape[1]
+        return (torch.arange(C, device=batch.completion_ids.device)[None, :] < batch.completion_lens[:, None]).double()
+
+    tw = None
+    if a.token_weights is not None or b.token_weights is not None:
+        tw = cat(weights(a), weights(b).to(weights(a).device), 0.0)
+    return PairBatch(ids=a.ids + b.ids, prompt_ids=cat(a.prompt_ids, b.prompt_ids, pad_id),
+                     prompt_lens=torch.cat([a.prompt_lens, b.prompt_lens]),
+                     completion_ids=cat(a.completion_ids, b.completion_ids, pad_id),
+                     completion_lens=torch.cat([a.completion_lens, b.completion_lens]),
+                     weights=torch.cat([a.weights, b.weights]), token_weights=tw)
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -195,11 +240,25 @@ def _note_fallback(model, reason: str) -> None:
         log.warning("%s: prefix-shared forward unavailable (%s); using the concatenated forward", name, reason)
 
 
-def _gather_completion_logps(head, hidden, completion_ids, completion_lens, chunk_tokens) -> torch.Tensor:
-    """hidden[i, t] predicts completion_ids[i, t]; sum the log-probs over each completion's length."""
+def _weighted(logps: torch.Tensor, batch: PairBatch, valid: torch.Tensor) -> torch.Tensor:
+    """Token log-probs (N,), in the row-major order of the (2B, C) mask `valid`, times the batch's token weights
+    (token-weighted DPO, dpolab.data.tokenization.emphasis_weights); unchanged when it has none."""
+    if batch.token_weights is None:
+        return logps
+    return logps * batch.token_weights.to(device=logps.device)[valid].to(logps.dtype)
+
+
+def _completion_mask(batch: PairBatch) -> torch.Tensor:
+    C = batch.completion_ids.shape[1]
+    return torch.arange(C, device=batch.completion_ids.device)[None, :] < batch.completion_lens[:, None]  # (2B, C)
+
+
+def _gather_completion_logps(head, hidden, batch: PairBatch, chunk_tokens) -> torch.Tensor:
+    """hidden[i, t] predicts completion_ids[i, t]; sum the (weighted) log-probs over each completion's length."""
+    completion_ids = batch.completion_ids
     n, C = completion_ids.shape
-    valid = torch.arange(C, device=completion_ids.device)[None, :] < completion_lens[:, None]  # (n, C)
-    logps = token_logps(head, hidden[valid], completion_ids[valid], chunk_tokens=chunk_tokens)  # (N,)
+    valid = _completion_mask(batch)  # (n, C)
+    logps = _weighted(token_logps(head, hidden[valid], completion_ids[valid], chunk_tokens=chunk_tokens), batch, valid)  # (N,)
     row = torch.arange(n, device=completion_ids.device)[:, None].expand(n, C)[valid]  # (N,)
     return torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, row, logps)  # (n,)
 
@@ -237,6 +296,8 @@ def _completions_side_by_side(body, head, batch: PairBatch, cache, prompt_mask, 
     valid = lay.segment >= 0
     states = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))[valid]  # (N, H)
     logps = token_logps(head, states, lay.ids[valid], chunk_tokens=chunk_tokens)  # (N,)
+    # row by row, chosen's tokens then rejected's: the same order as the (2B, C) completion mask
+    logps = _weighted(logps, batch, _completion_mask(batch))
     row = (2 * torch.arange(B, device=device)[:, None] + lay.segment)[valid]  # interleaved: chosen_i, rejected_i
     return torch.zeros(2 * B, dtype=logps.dtype, device=device).index_add(0, row, logps)  # (2B,)
 
@@ -251,7 +312,7 @@ def _completions_on_copies(body, head, batch: PairBatch, cache, prompt_mask, las
     pos = batch.prompt_lens.repeat_interleave(2)[:, None] + torch.arange(C, device=mask.device)[None, :]  # (2B, C)
     comp = body(input_ids=batch.completion_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
     hidden = torch.cat([last_prompt_hidden.repeat_interleave(2, dim=0)[:, None], comp.last_hidden_state[:, :-1]], dim=1)  # (2B, C, H)
-    return _gather_completion_logps(head, hidden, batch.completion_ids, batch.completion_lens, chunk_tokens)
+    return _gather_completion_logps(head, hidden, batch, chunk_tokens)
 
 
 @contextlib.contextmanager
@@ -299,12 +360,13 @@ def _concat_forward(model, parts, batch: PairBatch) -> torch.Tensor:
         body, head = parts
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (2B, L, H)
         hidden = hidden.gather(1, gather_at[..., None].expand(-1, -1, hidden.shape[-1]))  # (2B, C, H)
-        return _gather_completion_logps(head, hidden, batch.completion_ids, batch.completion_lens, chunk_tokens=512)
+        return _gather_completion_logps(head, hidden, batch, chunk_tokens=512)
     logits = upcast(model(input_ids=ids, attention_mask=mask).logits)  # (2B, L, V): exact for any architecture
     logits = logits.gather(1, gather_at[..., None].expand(-1, -1, logits.shape[-1]))  # (2B, C, V)
     logps = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # (2B, C)
     valid = torch.arange(C, device=ids.device)[None, :] < batch.completion_lens[:, None]
-    return (logps * valid).sum(-1)
+    weights = valid if batch.token_weights is None else batch.token_weights.to(logps.device, logps.dtype) * valid
+    return (logps * weights).sum(-1)
 
 
 def sequence_logps(model, batch: PairBatch, *, mode: str = "prefix", chunk_tokens: int = 512) -> torch.Tensor:

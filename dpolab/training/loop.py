@@ -16,7 +16,7 @@ from dpolab.errors import ConfigError, TrainingError
 from dpolab.io import atomic_dir, atomic_write_text
 from dpolab.progress import quiet_library_bars
 from dpolab.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from dpolab.training.logps import PairBatch, PairForward, collate_pairs
+from dpolab.training.logps import PairBatch, PairForward, collate_pairs, stack_batches
 from dpolab.models.load import weights_fingerprint
 from dpolab.training.reference import Reference, ReferenceCache, cache_key, compute_dataset_logps
 
@@ -145,18 +145,29 @@ def micro_batches(pairs, indices: list[int], *, max_pairs: int, max_tokens: int 
 
 
 def batch_loss(forward, reference: Reference, batch: PairBatch, *, policy, loss: str, sft_weight: float = 0.0,
-               loss_kwargs: dict | None = None):
-    """Policy log-probs (b, 2) [chosen, rejected] and the per-pair LossOutput of one micro-batch."""
-    from dpolab.losses import SequenceLogps, compute_loss
+               loss_kwargs: dict | None = None, consistency_weight: float = 0.0):
+    """Policy log-probs (b, 2) [chosen, rejected] and the per-pair LossOutput of one micro-batch.
 
-    logps = forward(batch).view(-1, 2)  # (b, 2)
+    consistency_weight: λ of the counterfactual-consistency term (dpolab.losses.consistency), added to the loss of
+    each pair that has a nullified prompt; its log-probs come from the same forward pass as the real ones."""
+    from dpolab.losses import SequenceLogps, compute_loss
+    from dpolab.losses.consistency import counterfactual_consistency
+
+    counter = consistency_weight > 0 and batch.nullified is not None
+    both = forward(stack_batches(batch, batch.nullified) if counter else batch)  # (2b,) or (2b + 2b',)
+    logps = both[: 2 * len(batch)].view(-1, 2)  # (b, 2)
     ref = reference(batch, policy=policy)
     ref = None if ref is None else ref.view(-1, 2)  # (b, 2)
     lens = batch.completion_lens.view(-1, 2).to(logps.dtype)  # (b, 2)
     lp = SequenceLogps(chosen=logps[:, 0], rejected=logps[:, 1], chosen_tokens=lens[:, 0], rejected_tokens=lens[:, 1],
                        ref_chosen=None if ref is None else ref[:, 0], ref_rejected=None if ref is None else ref[:, 1],
                        score_chosen=batch.score_chosen, score_rejected=batch.score_rejected)
-    return logps, compute_loss(loss, lp, sft_weight=sft_weight, **(loss_kwargs or {}))
+    out = compute_loss(loss, lp, sft_weight=sft_weight, **(loss_kwargs or {}))
+    if counter:
+        rows = batch.nullified_rows.to(logps.device)
+        kl = counterfactual_consistency(logps[rows], both[2 * len(batch):].view(-1, 2))  # (b',)
+        out.losses = out.losses.index_add(0, rows, consistency_weight * kl.to(out.losses.dtype))
+    return logps, out
 
 
 def loss_arguments(cfg: TrainConfig) -> dict[str, Any]:
@@ -293,10 +304,12 @@ def _set_up(cfg: TrainConfig) -> Run:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    pairset = read_pairs(cfg.data, tokenizer=tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
+    pairset = read_pairs(cfg.data, tokenizer=tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid,
+                         emphasis=cfg.emphasis, counterfactual=cfg.consistency_weight > 0)
     if pairset.n_skipped:
         console.print(f"[yellow]skipped {pairset.n_skipped} invalid row(s) of {pairset.n_rows} in {cfg.data}")
-    settings = TokenizationSettings(max_length=cfg.max_length)
+    settings = TokenizationSettings(max_length=cfg.max_length, emphasis=cfg.emphasis,
+                                    counterfactual=cfg.consistency_weight > 0)
     data = pairset.tokenized_data() or tokenize_pairs(pairset.pairs, tokenizer, settings)  # tokenized while checked
     if data.n_prompt_truncated:
         console.print(f"truncated the start of {data.n_prompt_truncated} prompt(s) of {len(data.pairs)} to fit max_length {cfg.max_length}")
@@ -363,7 +376,7 @@ def _step(run: Run, step: int, forward, reference: Reference, model, params, opt
         sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(forward)
         with sync:
             logps, res = batch_loss(forward, reference, batch, policy=model, loss=cfg.loss, sft_weight=cfg.sft_weight,
-                                    loss_kwargs=run.loss_kwargs)
+                                    loss_kwargs=run.loss_kwargs, consistency_weight=cfg.consistency_weight)
             bad = ~torch.isfinite(res.losses)
             if bad.any():
                 ids = [batch.ids[i] for i in bad.nonzero().flatten().tolist()]
