@@ -63,6 +63,21 @@ def test_shuffled_swaps_texts_exactly_where_the_coin_says_and_keeps_the_scores()
     assert abs(n_swapped - 100) <= 5 * math.sqrt(200 * 0.25)
 
 
+def test_emphasis_spans_follow_their_text_when_a_pair_is_swapped():
+    """suppress-pattern marks sentences of the rejected reply; in a swapped pair that text is the chosen one."""
+    pairs = [PreferencePair(id=f"p{i}", prompt=[{"role": "user", "content": "Hi?"}], chosen="Fine.",
+                            rejected="Fine. As I said before, fine.",
+                            meta={"context": "suppress-pattern", "kind": "pattern", "emphasis": {"rejected": [[6, 29]]}})
+             for i in range(20)]
+    out = shuffle_pairs(pairs, seed=0).pairs
+    assert {p.meta["swapped"] for p in out} == {True, False}
+    for p in out:
+        side = "chosen" if p.meta["swapped"] else "rejected"
+        assert p.meta["emphasis"] == {side: [[6, 29]]}
+        assert getattr(p, side)[6:29] == "As I said before, fine."
+    assert all(p.meta["emphasis"] == {"rejected": [[6, 29]]} for p in pairs)  # the source is not modified
+
+
 def test_the_coin_belongs_to_the_pair_not_to_its_position_or_neighbours():
     pairs = source_pairs(80)
     whole = swaps(pairs, seed=1)

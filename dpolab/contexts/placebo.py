@@ -50,6 +50,7 @@ from dpolab.contexts.base import ContextData, special_strings, usable
 from dpolab.contexts.build import save_built
 from dpolab.data import read_pairs
 from dpolab.data.schema import PreferencePair
+from dpolab.data.tokenization import EMPHASIS_KEY
 from dpolab.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -122,6 +123,9 @@ def shuffle_pairs(pairs: list[PreferencePair], *, seed: int) -> ContextData:
         swap = coin(seed, p.id)
         meta = {**p.meta, "context": name, "placebo": "shuffled", "source_context": source, "swapped": swap}
         if swap:
+            spans = meta.get(EMPHASIS_KEY)
+            if spans:  # emphasis spans are character offsets into a text: they go where their text goes
+                meta[EMPHASIS_KEY] = {{"chosen": "rejected", "rejected": "chosen"}.get(k, k): v for k, v in spans.items()}
             out.append(replace(p, chosen=p.rejected, rejected=p.chosen, meta=meta, source=""))
         else:
             out.append(replace(p, meta=meta, source=""))
