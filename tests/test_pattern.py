@@ -261,3 +261,27 @@ def test_probe_metrics_on_a_scripted_model():
     assert all(conv[-1]["content"] in test_prompts for call in gens for conv in call.conversations)
     rec = next(r for r in res.records if r.get("kind") == "invite")
     assert rec["pattern_lines"] == 2 and rec["pattern_rules"] == ["as_i_said", "like_i_said"]
+
+
+def test_probe_reads_k_samples_per_prompt_with_the_prompt_as_the_unit():
+    """samples = 3: the second of every three samples has the pattern (two lines), so each prompt reads 200/3 lines
+    per 100 replies and a reply share of 1/3, with n the number of prompts; the k calls are seeded apart."""
+    count = {"n": 0}
+
+    def reply(conv):
+        count["n"] += 1
+        return WITH if (count["n"] - 1) // 6 == 1 else WITHOUT  # call-major: 6 prompts per call, the 2nd call has it
+
+    model = FakeChatModel(reply=reply, continuation=lambda conv, cands: [-1.0 for _ in cands])
+    opts = PROBE.make_options({"n_invite": 4, "n_neutral": 2, "samples": 3, "n_references": 0})
+    res = PROBE.run(model, EvalContext(items=[], n_boot=200, seed=2), opts)
+    m = res.metrics
+    assert m["pattern_lines_per_100"].value == pytest.approx(200 / 3) and m["pattern_lines_per_100"].n == 6
+    assert m["pattern_reply_share"].value == pytest.approx(1 / 3)
+    gens = [c for c in model.calls if c.method == "generate"]
+    assert [c.kwargs["do_sample"] for c in gens] == [True] * 3
+    assert [c.kwargs["seed"] for c in gens] == [2000, 2001, 2002]
+    assert len([r for r in res.records if r.get("kind") != "reference"]) == 18
+    assert res.info["decoding"] == "3 samples per prompt at temperature 0.7"
+    with pytest.raises(ConfigError, match="samples"):
+        PROBE.make_options({"samples": -1})

@@ -27,6 +27,7 @@ from typing import Any
 
 from dpolab import patterns
 from dpolab.banks import spread
+from dpolab.errors import ConfigError
 from dpolab.models.chat import ChatModel
 from dpolab.patterns import KINDS, ReferenceReply, read_prompts, read_references
 from dpolab.probes.base import EvalContext, Headline, MetricTable, ProbeResult, ProbeSpec, mean_token_logps
@@ -38,7 +39,9 @@ class Options:
     pattern, pattern_file: as the suppress-pattern context (None: the default pattern).
     prompts: a JSONL in the bank's schema replacing its test split (all its rows are used).
     n_references: reference replies scored (None: all; 0: skip reference_nll). references: a JSONL of
-    {"id", "prompt", "reply"} replacing the shipped ones.
+    {"id", "prompt", "reply"} replacing the shipped ones. samples: 0 reads one greedy reply per prompt; k > 0 reads
+    k sampled replies per prompt at `temperature` (seeded), each prompt's value the mean over its k, so a rare
+    pattern gives k times the events while the prompt stays the unit of the interval.
     """
 
     n_invite: int | None = 48
@@ -49,9 +52,16 @@ class Options:
     prompts: str | None = None
     n_references: int | None = None
     references: str | None = None
+    samples: int = 0
+    temperature: float = 0.7
 
     def __post_init__(self) -> None:
+        from dpolab.contexts.base import check_min
+
         patterns.resolve(self.pattern, self.pattern_file)  # a bad regex or a missing file fails at load
+        check_min("samples", self.samples, 0)
+        if self.samples and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 to sample, got {self.temperature}")
 
 
 def reference_nll(model: ChatModel, refs: list[ReferenceReply]) -> list[float]:
@@ -69,8 +79,14 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     refs = read_references(options.references)
     refs = refs[:ctx.size(options.n_references)] if ctx.size(options.n_references) is not None else refs
     task = ctx.progress.task(f"pattern rate: {len(rows)} prompts, {len(refs)} references", total=2)
-    replies = model.generate([[{"role": "user", "content": p.prompt}] for p in rows],
-                             max_new_tokens=options.max_new_tokens)
+    convs = [[{"role": "user", "content": p.prompt}] for p in rows]
+    k = options.samples
+    if k:  # k seeded samples per prompt: reading r of prompt i is replies[r * len(rows) + i]
+        replies = [g for r in range(k) for g in model.generate(
+            convs, max_new_tokens=options.max_new_tokens, do_sample=True, temperature=options.temperature,
+            seed=ctx.seed * 1000 + r)]
+    else:
+        replies = model.generate(convs, max_new_tokens=options.max_new_tokens)
     task.advance()
     nlls = reference_nll(model, refs) if refs else []
     task.advance()
@@ -83,24 +99,29 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     table.declare("reply_tokens", higher_is_better=False)
     table.declare("frac_hit_limit", higher_is_better=False)
     records: list[dict[str, Any]] = []
-    for p, g in zip(rows, replies):
-        found = patterns.matching_sentences(g.text, pattern)
+    n = len(rows)
+    for i, p in enumerate(rows):
+        readings = [replies[r * n + i] for r in range(max(1, k))]
+        found = [patterns.matching_sentences(g.text, pattern) for g in readings]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  # over the prompt's readings: the prompt is the unit
         for prefix in ("", f"{p.kind}:"):
-            table.add(f"{prefix}pattern_lines_per_100", p.id, 100.0 * len(found))
-            table.add(f"{prefix}pattern_reply_share", p.id, float(bool(found)))
-        table.add("reply_tokens", p.id, g.n_tokens)
-        table.add("frac_hit_limit", p.id, float(g.hit_limit))
-        records.append({"item_id": p.id, "kind": p.kind, "topic": p.topic, "prompt": p.prompt, "reply": g.text,
-                        "score": float(len(found)), "pattern_lines": len(found),
-                        "pattern_sentences": [s.text for s in found],
-                        "pattern_rules": [pattern.rule(s.text) for s in found],
-                        "reply_tokens": g.n_tokens, "hit_limit": g.hit_limit})
+            table.add(f"{prefix}pattern_lines_per_100", p.id, 100.0 * mean([len(f) for f in found]))
+            table.add(f"{prefix}pattern_reply_share", p.id, mean([float(bool(f)) for f in found]))
+        table.add("reply_tokens", p.id, mean([g.n_tokens for g in readings]))
+        table.add("frac_hit_limit", p.id, mean([float(g.hit_limit) for g in readings]))
+        for r, (g, f) in enumerate(zip(readings, found)):
+            records.append({"item_id": p.id, "sample": r if k else None, "kind": p.kind, "topic": p.topic,
+                            "prompt": p.prompt, "reply": g.text, "score": float(len(f)), "pattern_lines": len(f),
+                            "pattern_sentences": [s.text for s in f],
+                            "pattern_rules": [pattern.rule(s.text) for s in f],
+                            "reply_tokens": g.n_tokens, "hit_limit": g.hit_limit})
     for r, nll in zip(refs, nlls):
         table.add("reference_nll", r.id, nll)
         records.append({"item_id": r.id, "kind": "reference", "prompt": r.prompt, "reply": r.reply, "nll": nll,
                         "n_tokens": model.token_count(r.reply)})
     info = {"prompts": {kind: sum(p.kind == kind for p in rows) for kind in KINDS}, "references": len(refs),
-            "max_new_tokens": options.max_new_tokens, "decoding": "greedy", "pattern": pattern.describe(),
+            "max_new_tokens": options.max_new_tokens, "pattern": pattern.describe(),
+            "decoding": f"{k} samples per prompt at temperature {options.temperature}" if k else "greedy",
             "guards": "reference_nll, reply_tokens and frac_hit_limit here; knowledge accuracy from the knowledge probe"}
     return table.result("pattern_rate", records=records, info=info, seed=ctx.seed, n_boot=ctx.n_boot)
 
