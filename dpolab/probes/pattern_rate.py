@@ -23,6 +23,7 @@ beside this one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import fmean
 from typing import Any
 
 from dpolab import patterns
@@ -100,15 +101,14 @@ def run(model: ChatModel, ctx: EvalContext, options: Options) -> ProbeResult:
     table.declare("frac_hit_limit", higher_is_better=False)
     records: list[dict[str, Any]] = []
     n = len(rows)
-    for i, p in enumerate(rows):
+    for i, p in enumerate(rows):  # each value the mean over the prompt's readings: the prompt is the unit
         readings = [replies[r * n + i] for r in range(max(1, k))]
         found = [patterns.matching_sentences(g.text, pattern) for g in readings]
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  # over the prompt's readings: the prompt is the unit
         for prefix in ("", f"{p.kind}:"):
-            table.add(f"{prefix}pattern_lines_per_100", p.id, 100.0 * mean([len(f) for f in found]))
-            table.add(f"{prefix}pattern_reply_share", p.id, mean([float(bool(f)) for f in found]))
-        table.add("reply_tokens", p.id, mean([g.n_tokens for g in readings]))
-        table.add("frac_hit_limit", p.id, mean([float(g.hit_limit) for g in readings]))
+            table.add(f"{prefix}pattern_lines_per_100", p.id, 100.0 * fmean([len(f) for f in found]))
+            table.add(f"{prefix}pattern_reply_share", p.id, fmean([float(bool(f)) for f in found]))
+        table.add("reply_tokens", p.id, fmean([g.n_tokens for g in readings]))
+        table.add("frac_hit_limit", p.id, fmean([float(g.hit_limit) for g in readings]))
         for r, (g, f) in enumerate(zip(readings, found)):
             records.append({"item_id": p.id, "sample": r if k else None, "kind": p.kind, "topic": p.topic,
                             "prompt": p.prompt, "reply": g.text, "score": float(len(f)), "pattern_lines": len(f),

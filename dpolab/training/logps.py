@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,12 +61,10 @@ class PairBatch:
 def collate_pairs(pairs, *, pad_id: int, index: list[int] | None = None) -> PairBatch:
     """Pad TokenizedPairs (dpolab.data) into a PairBatch; pairs with a counterfactual prompt also go, with it as
     their prompt, into its `nullified` batch."""
-    import dataclasses
-
-    rows = [i for i, p in enumerate(pairs) if getattr(p, "nullified_prompt_ids", None) is not None]
+    rows = [i for i, p in enumerate(pairs) if p.nullified_prompt_ids is not None]
     nullified = None
     if rows:
-        nullified = collate_pairs([dataclasses.replace(pairs[i], prompt_ids=pairs[i].nullified_prompt_ids,
+        nullified = collate_pairs([replace(pairs[i], prompt_ids=pairs[i].nullified_prompt_ids,
                                                        nullified_prompt_ids=None) for i in rows], pad_id=pad_id)
     B = len(pairs)
     P = max(len(p.prompt_ids) for p in pairs)
@@ -122,7 +120,8 @@ def stack_batches(a: PairBatch, b: PairBatch, *, pad_id: int = 0) -> PairBatch:
 
     tw = None
     if a.token_weights is not None or b.token_weights is not None:
-        tw = cat(weights(a), weights(b).to(weights(a).device), 0.0)
+        first = weights(a)
+        tw = cat(first, weights(b).to(first.device), 0.0)
     return PairBatch(ids=a.ids + b.ids, prompt_ids=cat(a.prompt_ids, b.prompt_ids, pad_id),
                      prompt_lens=torch.cat([a.prompt_lens, b.prompt_lens]),
                      completion_ids=cat(a.completion_ids, b.completion_ids, pad_id),
