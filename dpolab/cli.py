@@ -184,6 +184,44 @@ def run(
     print_matrix(report.rows, against="placebo")
 
 
+def _behaviour_help() -> str:
+    from dpolab.explain.behaviours import BEHAVIOURS
+
+    return f"behaviour to take apart: {', '.join(BEHAVIOURS.names())}"
+
+
+@app.command()
+def explain(
+    base: str = typer.Option(DEFAULT_MODEL, "--base", help="the model before training: built-in name or Hugging Face folder"),
+    tuned: str = typer.Option(..., "--tuned", help="the trained model: a Hugging Face folder, or a run's cell folder"),
+    probe: str = typer.Option("toxicity", "--probe", help=_behaviour_help()),
+    out: str = typer.Option(..., "--out", help="folder for explain.json and the Parquet tables; rerun to resume"),
+    n_random: int = typer.Option(200, "--n-random", min=2, help="random unit directions in each null"),
+    top_k: int = typer.Option(60, "--top-k", min=1, help="neurons ablated or patched, and random ones beside them"),
+    patch: str = typer.Option("TP,any", "--patch", help="neurons patched: a group's top-k movers (TP, TN, AP, AN) or any group's"),
+    size: list[str] = typer.Option([], "--size", help="the behaviour probe's options: --size n_prompts=100"),
+    seed: int = typer.Option(0, "--seed", help="seeds sampling, folds, nulls and bootstrap"),
+) -> None:
+    """Why training moved a behaviour: a linear probe, each MLP neuron's part of the change along it, ablation and
+    patching, every figure beside random directions or random neurons."""
+    from dpolab.config import parse_value
+    from dpolab.explain.run import ExplainOptions, explain as run_explain
+    from dpolab.explain.summary import format_explain
+
+    sizes = {}
+    for item in size:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--size expects KEY=VALUE, got {item!r}")
+        sizes[key.strip()] = parse_value(value)
+    options = ExplainOptions(n_random=n_random, top_k=top_k, patch=tuple(p.strip() for p in patch.split(",") if p.strip()),
+                             sizes=sizes, seed=seed)
+    result = run_explain(base, tuned, probe, out, options=options, say=lambda line: typer.echo(line, err=True))
+    for line in format_explain(result):
+        typer.echo(line)
+    typer.echo(f"wrote {out}/explain.json")
+
+
 @app.command()
 def compare(
     dir_a: str = typer.Argument(..., help="an experiment folder (with results.parquet)"),

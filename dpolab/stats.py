@@ -118,6 +118,37 @@ def paired_bootstrap_delta(
     return Interval(value, float(lo), float(hi), int(n), bootstrap_p(deltas))
 
 
+def fraction_of_change(a: Sequence[float], b: Sequence[float], c: Sequence[float], *, seed: int, n_boot: int = 2000,
+                       level: float = 0.95) -> Interval:
+    """How much of the change a -> b the change a -> c reproduces: (mean c − mean a) / (mean b − mean a), with a
+    percentile bootstrap over items drawn once for all three (an intervention's effect as a fraction of training's).
+
+    a, b, c: item-aligned per-item values (the base model, the trained one, the base under an intervention); only
+    items defined in all three enter. The ratio is unstable when b barely differs from a: replicates whose
+    denominator is 0 are dropped, and a wide interval is the honest answer then.
+    """
+    xa, xb, xc = (np.asarray(v, dtype=float) for v in (a, b, c))
+    if not xa.shape == xb.shape == xc.shape:
+        raise ValueError("the three models' values must align item by item")
+    keep = ~(np.isnan(xa) | np.isnan(xb) | np.isnan(xc))
+    xa, xb, xc = xa[keep], xb[keep], xc[keep]
+    n = int(xa.size)
+    denominator = xb.mean() - xa.mean() if n else 0.0
+    value = float((xc.mean() - xa.mean()) / denominator) if n and denominator != 0 else math.nan
+    if n < MIN_ITEMS:
+        return Interval(value, math.nan, math.nan, n)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n)
+    da, db, dc = xa[idx].mean(1), xb[idx].mean(1), xc[idx].mean(1)
+    ok = db != da
+    reps = (dc[ok] - da[ok]) / (db[ok] - da[ok])  # (kept replicates,)
+    if reps.size == 0:
+        return Interval(value, math.nan, math.nan, n)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
+    return Interval(value, float(lo), float(hi), n)
+
+
 def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The entries of two item-aligned vectors where both are defined."""
     xa = np.asarray(a, dtype=float)

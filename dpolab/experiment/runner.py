@@ -1,4 +1,5 @@
-"""The grid runner: baseline once, then each (context, method, seed) cell builds data, trains, evaluates, compares;
+"""The grid runner: baseline once, then each (context, method, seed) cell builds data, trains (or, for an edit
+method, edits the base weights: dpolab.edits), evaluates, compares;
 at the end the cells are pooled over seeds and against their placebos (dpolab.experiment.pool).
 
 Every cell's results are written atomically when the cell ends; a rerun with --resume skips finished cells, so a
@@ -14,16 +15,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from dpolab.edits import EditReport
 from dpolab.errors import ConfigError
 from dpolab.experiment.results import ResultRow, compare, per_item_values, read_rows_json, write_results
-from dpolab.experiment.spec import ExperimentSpec
+from dpolab.experiment.spec import ExperimentSpec, MethodSpec
 from dpolab.io import atomic_write_json, atomic_write_text
 from dpolab.probes.summary import EvalSummary
 from dpolab.progress import PlainLines, duration, interactive
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -126,6 +131,36 @@ def _takes_stance(context: str) -> bool:
     from dpolab.contexts import CONTEXTS
 
     return "stance" in CONTEXTS.get(context).option_names()
+
+
+@dataclass
+class _Edited:
+    model: "torch.nn.Module"  # the base model with its weights edited
+    report: EditReport
+
+
+def _edit_cell(model_name: str, edit: MethodSpec, data_path: Path, out: Path, *, seed: int) -> _Edited:
+    """An edit cell's model: the base loaded afresh, edited in place from the context's pairs (`edit` is the
+    method's MethodSpec); its report is written to OUT/edit.json."""
+    from dpolab.data.read import read_pairs
+    from dpolab.edits.profs import apply_edit
+    from dpolab.models.load import load_model
+
+    base = load_model(model_name)
+    report = apply_edit(base.model, base.tokenizer, read_pairs(data_path).pairs, kind=edit.edit, layers=edit.layers,
+                        k=edit.k, seed=seed)
+    atomic_write_json(out / "edit.json", report.to_json())
+    return _Edited(model=base.model, report=report)
+
+
+def _explain_cell(spec: ExperimentSpec, tuned, behaviour: str, keys: dict[str, Any], out: Path, *, say) -> None:
+    """`dpolab explain` of one behaviour between the spec's model and this cell's (in memory), into OUT."""
+    from dpolab.explain.run import ExplainOptions, explain
+    from dpolab.models.load import load_model
+    from dpolab.options import make_options
+
+    options = make_options(ExplainOptions, {"n_boot": spec.n_boot, **keys}, kind="explain of", name=behaviour)
+    explain(load_model(spec.model), tuned, behaviour, out, options=options, say=say)
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = False, quick: bool = False, progress: bool = True,
@@ -231,25 +266,37 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 if placebo is not None:  # the source's own pairs, turned into its control
                     data_path = build_placebo(placebo[0], data_path, base_chat(), seed=seed,
                                               cache_dir=out / "contexts", model_id=spec.model)
-            bar.update(task, phase=f"{name}: train")
-            with phases(f"{name}: train"):
-                cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
-                trained = train(cfg)
+            edit = spec.edit_method(method)
+            stage = "train" if edit is None else "edit"
+            bar.update(task, phase=f"{name}: {stage}")
+            with phases(f"{name}: {stage}"):
+                if edit is None:
+                    cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
+                    trained = train(cfg)
+                    tuned, steps, extra = trained.model, trained.steps, {}
+                    del trained
+                else:  # the base model's weights edited from the pairs: nothing is trained
+                    edited = _edit_cell(spec.model, edit, data_path, cell_dir / "edit", seed=seed)
+                    tuned, steps, extra = edited.model, 0, {"edit": edited.report.summary()}
             bar.update(task, phase=f"{name}: eval")
             with phases(f"{name}: eval"):
                 loaded = load_model(spec.model)  # tokenizer and identity of the base; weights replaced below
-                loaded.model = trained.model.eval()
+                loaded.model = tuned.eval()
                 loaded.name = f"{spec.model} + {context}/{method}/s{seed}"
                 summary = run_eval(engine(loaded), out=cell_dir / "eval", seed=0, **probe_kw)
+            behaviours = spec.contexts[context].explain if parse_placebo(context) is None else {}
+            for behaviour, explain_keys in behaviours.items():
+                with phases(f"{name}: explain {behaviour}"):
+                    _explain_cell(spec, loaded, behaviour, explain_keys, cell_dir / "explain" / behaviour, say=phases.say)
             rows = compare(baseline, summary, baseline_items, per_item_values(cell_dir / "eval"), context=context,
                            method=method, seed=seed, n_boot=spec.n_boot)
             atomic_write_json(cell_dir / "rows.json", [r.record() for r in rows])
             atomic_write_json(cell_dir / "cell.json", {"context": context, "method": method, "seed": seed, "data": str(data_path),
-                                                 "train_steps": trained.steps, "rows": len(rows)})
+                                                 "train_steps": steps, "rows": len(rows), **extra})
             ran += 1
             phases.end_cell(number, name)
             bar.advance(task)
-            del trained, loaded
+            del tuned, loaded
 
     seed_rows: list[ResultRow] = []
     for context, method, seed in cells:

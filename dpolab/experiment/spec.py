@@ -4,12 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from dpolab import DEFAULT_MODEL
 from dpolab.config import StrictModel, TrainConfig, load_config
+from dpolab.edits import DEFAULT_K, EDITS, parse_layers
 from dpolab.errors import ConfigError
 from dpolab.models.backends import BACKEND_CHOICES
 from dpolab.probes import default_probes
@@ -21,10 +22,46 @@ RUNNER_KEYS = {"model", "data", "out", "seed", "progress"}
 
 
 class MethodSpec(StrictModel):
-    """A training method: a loss and any TrainConfig keys (lr, beta, lora, epochs, ...)."""
+    """A method: kind "train" (a loss and any TrainConfig keys: lr, beta, lora, epochs, ...) or kind "edit" (a
+    weight edit from dpolab.edits.EDITS with its layers and k, computed from the context's pairs; it trains
+    nothing, so the spec's and the context's train keys don't apply to it)."""
 
+    kind: Literal["train", "edit"] = Field("train", description="train: a loss trains the model; edit: the "
+                                           "weights are edited from the pairs (dpolab.edits)")
     loss: str = "dpo"
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this method")
+    edit: str | None = Field(None, description="kind edit: the edit's name in dpolab.edits.EDITS")
+    layers: list[int] | str | None = Field(None, description="kind edit: the layers edited, a list or a string "
+                                           "like '15-29' (default: the upper half of the model's layers)")
+    k: int = Field(DEFAULT_K, ge=0, description="kind edit: directions removed per layer; 0 leaves the model as it is")
+
+    @model_validator(mode="after")
+    def _keys_of_its_kind(self) -> "MethodSpec":
+        given = self.model_fields_set
+        if self.kind == "train":
+            stray = [key for key in ("edit", "layers", "k") if key in given]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} belong to an edit method; add kind: edit, or remove them")
+            return self
+        stray = [key for key in ("loss", "train") if key in given]
+        if stray:
+            raise ValueError(f"an edit method trains nothing; remove {', '.join(stray)} (or make it kind: train)")
+        if self.edit is None:
+            raise ValueError(f"an edit method names its edit; edit: one of {', '.join(EDITS.names())}")
+        try:
+            EDITS.check(self.edit)
+            parse_layers(self.layers)  # the syntax; the range is checked against the model when the edit runs
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_its_kind(self, handler) -> dict[str, Any]:
+        """A train method dumps as before the edit kind existed (so run fingerprints stay), an edit method
+        without the train keys it has no use for."""
+        data = handler(self)
+        drop = ("kind", "edit", "layers", "k") if self.kind == "train" else ("loss", "train")
+        return {key: v for key, v in data.items() if key not in drop}
 
 
 class ContextEntry(StrictModel):
@@ -37,6 +74,36 @@ class ContextEntry(StrictModel):
     placebos: list[str] = Field(default_factory=list, description="placebo controls trained beside it: shuffled "
                                 "(its pairs, chosen and rejected swapped at random, same methods) and self-sft "
                                 "(SFT on the model's own samples for its prompts)")
+    explain: dict[str, dict[str, Any]] = Field(default_factory=dict, description="behaviours `dpolab explain` takes "
+                                               "apart in each of this context's cells (not its placebos): a list "
+                                               "[toxicity], or {toxicity: {top_k: 30}} with dpolab.explain options")
+
+    @field_validator("explain", mode="before")
+    @classmethod
+    def _explain_as_mapping(cls, value: Any) -> Any:
+        from dpolab.explain.behaviours import BEHAVIOURS
+        from dpolab.explain.run import ExplainOptions
+        from dpolab.options import make_options
+
+        if isinstance(value, (list, tuple)):
+            value = {name: {} for name in value}
+        if not isinstance(value, dict):
+            raise ValueError("explain takes a list of behaviours or a mapping behaviour -> options")
+        for name, options in value.items():
+            try:
+                BEHAVIOURS.check(name)
+                make_options(ExplainOptions, options or {}, kind="explain of", name=name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return {name: dict(options or {}) for name, options in value.items()}
+
+    @model_serializer(mode="wrap")
+    def _without_empty_explain(self, handler) -> dict[str, Any]:
+        """No `explain` key when none is asked, so the fingerprints of runs from before it existed stay."""
+        data = handler(self)
+        if not self.explain:
+            data.pop("explain", None)
+        return data
 
     @field_validator("placebos")
     @classmethod
@@ -123,8 +190,16 @@ class ExperimentSpec(StrictModel):
                     raise ValueError(f"context {cname!r} names method {m!r}; defined methods: {', '.join(self.methods)}")
         for cname, ctx in self.contexts.items():
             for mname in ctx.methods:
-                self.train_config(cname, mname, data="-", out="-", seed=0)  # raises on a bad key, loss or type
+                if self.edit_method(mname) is None:
+                    self.train_config(cname, mname, data="-", out="-", seed=0)  # raises on a bad key, loss or type
+            if "self-sft" in ctx.placebos:
+                self.train_config(cname, SELF_SFT_METHOD, data="-", out="-", seed=0)
         return self
+
+    def edit_method(self, method: str) -> MethodSpec | None:
+        """The method's spec when it is an edit (the runner edits instead of training), else None."""
+        spec = self.methods.get(method)
+        return spec if spec is not None and spec.kind == "edit" else None
 
     def train_config(self, context: str, method: str, **runner: Any) -> TrainConfig:
         """Shared train keys, then the context's, then the method's; the runner's own keys last.
@@ -138,9 +213,12 @@ class ExperimentSpec(StrictModel):
             context = placebo[1]
         if method == SELF_SFT_METHOD and method not in self.methods:
             first = self.methods[self.contexts[context].methods[0]]
-            spec = MethodSpec(loss="sft", train={k: v for k, v in first.train.items() if k != "loss_args"})
+            keys = first.train if first.kind == "train" else {}  # an edit trains nothing: the shared keys only
+            spec = MethodSpec(loss="sft", train={k: v for k, v in keys.items() if k != "loss_args"})
         else:
             spec = self.methods[method]
+            if spec.kind == "edit":
+                raise ValueError(f"{context}/{method} is an edit method ({spec.edit}); it has no training config")
         keys = {**self.train, **self.contexts[context].train, **spec.train}
         clash = RUNNER_KEYS & set(keys)
         if clash:

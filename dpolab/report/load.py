@@ -62,6 +62,15 @@ class Model:
     def probe_names(self) -> list[str]:
         return [] if self.summary is None else list(self.summary.probes)
 
+    def explanations(self) -> dict[str, dict[str, Any]]:
+        """behaviour -> explain.json of the cell's mechanism analyses (CELL/explain/<behaviour>/explain.json)."""
+        found = {}
+        for path in sorted((self.eval_dir.parent / "explain").glob("*/explain.json")):
+            data = _read_json(path)
+            if isinstance(data, dict):
+                found[path.parent.name] = data
+        return found
+
     def records(self, probe: str) -> list[dict[str, Any]] | None:
         """The raw per-item records of a probe (<probe>.parquet), read once; None when absent."""
         if probe not in self._records:

@@ -172,3 +172,36 @@ def training_curves(logs: Sequence[TrainLog]) -> str:
             ax.set_xlabel("optimizer step")
         axes[0].legend(loc="best")
         return to_data_uri(fig)
+
+
+def mechanism(layers: Sequence[dict], groups: dict[str, dict], title: str) -> str:
+    """Left: each layer's shift of its MLP output along the probe direction (points) inside the 95% band of random
+    directions (grey). Right: each neuron group's share of the change (points) beside its random-direction interval
+    (grey bars): a point inside its grey is what any direction would show."""
+    import matplotlib
+
+    with matplotlib.rc_context(RC):
+        fig = _figure(12, 2.8)
+        left, right = fig.subplots(1, 2, width_ratios=(3, 1.4))
+        x = np.array([r["layer"] for r in layers], dtype=float)
+        lo, hi, v = (np.array([as_float(r[k]) for r in layers]) for k in ("null_low", "null_high", "shift"))
+        left.fill_between(x, lo, hi, color="#bbbbbb", alpha=0.6, lw=0, label="95% of random directions")
+        outside = (v < lo) | (v > hi)
+        left.plot(x, v, color=PALETTE[0], lw=1.2)
+        left.scatter(x[~outside], v[~outside], color=PALETTE[0], s=14, zorder=3, label="probe direction")
+        left.scatter(x[outside], v[outside], color=PALETTE[3], s=24, zorder=4, label="outside the null")
+        left.axhline(0, color="#888", lw=0.8)
+        left.set_xlabel("layer")
+        left.set_title(f"{title}: change of each layer's MLP output along the probe", loc="left")
+        left.legend(loc="best")
+        names = list(groups)
+        ys = np.arange(len(names))[::-1]
+        for y, g in zip(ys, names):
+            row = groups[g]
+            right.plot([as_float(row["null_low"]), as_float(row["null_high"])], [y, y], color="#bbbbbb", lw=6,
+                       solid_capstyle="butt")
+            right.scatter([as_float(row["share"])], [y], color=PALETTE[0], s=30, zorder=3)
+        right.set_yticks(ys, names)
+        right.set_xlabel("share of the change")
+        right.set_title("neuron groups vs random directions", loc="left")
+        return to_data_uri(fig)

@@ -562,3 +562,48 @@ def environment(exp: Experiment) -> list[tuple[str, str]]:
 def eval_sizes(exp: Experiment) -> str | None:
     s = exp.baseline.summary.sizes if exp.baseline.summary else None
     return json.dumps(s, indent=2, sort_keys=True) if s else None
+
+
+def _pct(x: Any) -> str:
+    return "—" if is_missing(x) else f"{100 * x:.1f}%"
+
+
+def _outside(v: Any, lo: Any, hi: Any) -> bool:
+    return not any(is_missing(x) for x in (v, lo, hi)) and not lo <= v <= hi
+
+
+def mechanism(exp: Experiment) -> list[dict[str, Any]]:
+    """One entry per (cell, behaviour) that `explain` took apart: the probe, the figure, and the ablation and
+    patching rows, each beside its random control."""
+    out = []
+    for m in exp.cells:
+        for behaviour, r in m.explanations().items():
+            acc, eff = r["probe_accuracy"], r["effect_of_training"]
+            label = f"{exp.label(m)}: {behaviour}"
+            interventions = []
+            for name, row in [("ablate the top-k probe-aligned neurons", r["ablation"]),
+                              *((f"patch group {g} (its top movers)" if g != "any" else "patch the top movers of any group", v)
+                                for g, v in r["patching"].items())]:
+                rnd = row["random"]
+                interventions.append({"name": name, "k": row["k"], "fraction": _pct(row["fraction_of_dpo"]),
+                                      "ci": f"[{_pct(row['ci_low'])}, {_pct(row['ci_high'])}]",
+                                      "random": _pct(rnd["fraction_of_dpo"]),
+                                      "random_ci": f"[{_pct(rnd['ci_low'])}, {_pct(rnd['ci_high'])}]"})
+            groups = [{"group": g, "name": v["name"], "share": _pct(v["share"]),
+                       "null": f"{_pct(v['null_low'])} to {_pct(v['null_high'])}", "z": num(v["z"], signed=True),
+                       "beyond": _outside(v["share"], v["null_low"], v["null_high"])} for g, v in r["groups"].items()]
+            shift = r["total_shift"]
+            out.append({
+                "label": label, "anchor": f"mechanism-{m.name}-{behaviour}",
+                "effect": f"{num(eff['value'], signed=True)} {ci(eff['ci_low'], eff['ci_high'], signed=True)}",
+                "metric": f"{r['probe']} · {r['metric']}",
+                "accuracy": f"{num(acc['value'])} {ci(acc['ci_low'], acc['ci_high'])}",
+                "random_accuracy": num((acc.get("random_label") or {}).get("value")),
+                "replies": r["replies"]["pooled"], "layer": acc["layer"],
+                "shift": f"{num(shift['value'], signed=True)} (random directions {num(shift['null_low'], signed=True)} to "
+                         f"{num(shift['null_high'], signed=True)}, z {num(shift['z'], signed=True)})",
+                "layers_outside": [x["layer"] for x in r["layers"] if _outside(x["shift"], x["null_low"], x["null_high"])],
+                "groups": groups, "interventions": interventions,
+                "figure": plots.mechanism(r["layers"], r["groups"], behaviour),
+            })
+    return out

@@ -43,6 +43,7 @@ def render_report(out_dir: str | Path, *, phases: Sequence[tuple[str, float]] | 
         "duetpd_source": DUETPD_SOURCE,
         "limitations": views.limitations(exp),
         "sections": probe_sections(exp),
+        "mechanism": views.mechanism(exp),
         "training_figure": views.training_figure(exp),
         "training_table": views.training_table(exp),
         "odpo_offsets": views.odpo_offsets(exp),
