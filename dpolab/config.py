@@ -37,6 +37,10 @@ class TrainConfig(StrictModel):
     reference: Literal["auto", "cached", "frozen", "adapter", "none"] = Field(
         "auto", description="auto = cached log-probs (computed once with the starting weights, reused by later runs)"
     )
+    reference_model: str | None = Field(
+        None, description="the reference's weights when they are not the starting model's (built-in name, folder or "
+        "hub id, same tokenizer), e.g. the original base while `model` is a later stage's; cached or frozen only. "
+        "null: the model at the start of training")
     # optimisation
     lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
     batch_size: int = Field(8, ge=1, description="pairs per optimizer step, summed over processes and accumulation")
@@ -106,6 +110,8 @@ class TrainConfig(StrictModel):
             raise ValueError(f"loss {self.loss!r} takes no beta; remove beta (got {self.beta!r})")
         if self.reference == "adapter" and not self.lora:
             raise ValueError("reference 'adapter' needs lora: true")
+        if self.reference_model is not None and self.reference in ("adapter", "none"):
+            raise ValueError(f"reference_model needs reference auto, cached or frozen (got {self.reference!r})")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         return self

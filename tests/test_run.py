@@ -318,3 +318,50 @@ def test_narrow_contexts_and_probes_end_to_end(tmp_path, tiny_model_dir, home):
                                                               for p in ("partner", "roleplay", "pattern_rate")}
     uptake = {r.method: r.value for r in rows if r.context == "agree-with-partner" and r.metric == "uptake:helpful"}
     assert uptake["dpo"] != uptake["dpo-consistency"]  # the term changed the training
+
+
+def test_a_method_kind_resumes_from_its_own_folder_after_a_cut(tmp_path, tiny_model_dir, monkeypatch):
+    """A registered method kind's folder (cell/<kind>) survives when the runner restarts a cell cut short; the
+    rest of the cell starts over."""
+    from dataclasses import dataclass
+
+    from dpolab.experiment.runner import run_experiment
+    from dpolab.experiment.spec import load_spec
+    from dpolab.methods import METHOD_KINDS, MethodKind, Tuned
+    from dpolab.models.load import load_model
+
+    @dataclass(frozen=True, kw_only=True)
+    class NoOptions:
+        pass
+
+    calls = []
+
+    def run(job):
+        marker = job.work / "half-done"
+        calls.append(marker.exists())
+        if not marker.exists():
+            marker.write_text("stage 1")
+            (job.work.parent / "eval").mkdir(exist_ok=True)
+            (job.work.parent / "eval" / "stale").write_text("")
+            raise KeyboardInterrupt  # killed mid-cell
+        return Tuned(model=load_model(job.model_name).model, steps=0, info={"resumed": True})
+
+    monkeypatch.setenv("DPOLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(METHOD_KINDS._entries, "fake", "tests.test_run:unused")
+    monkeypatch.setitem(METHOD_KINDS._cache, "fake", MethodKind(name="fake", options=NoOptions, run=run))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"u{i}", "prompt": f"Say {i}.", "chosen": f"Yes {i}.",
+                                        "rejected": f"No {i}!"}) + "\n" for i in range(4)))
+    spec = tiny_spec(tiny_model_dir, contexts={"user-data": {"methods": ["f"], "options": {"path": str(data)}}})
+    spec["methods"] = {"f": {"kind": "fake"}}
+    spec["probes"] = {"names": ["knowledge"], "sizes": {"knowledge": {"n_items": 4, "n_chunks": 2}}}
+    out = tmp_path / "run"
+    loaded = load_spec(write_spec(tmp_path, spec))
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(loaded, out, progress=False)
+    cell = out / "cells" / "user-data__f__s0"
+    assert (cell / "fake" / "half-done").exists() and (cell / "eval" / "stale").exists()
+    run_experiment(loaded, out, resume=True, progress=False)
+    assert calls == [False, True]
+    assert (cell / "fake" / "half-done").exists() and not (cell / "eval" / "stale").exists()
+    assert json.loads((cell / "cell.json").read_text())["fake"] == {"resumed": True}

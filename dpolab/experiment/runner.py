@@ -24,6 +24,7 @@ from dpolab.errors import ConfigError
 from dpolab.experiment.results import ResultRow, compare, per_item_values, read_rows_json, write_results
 from dpolab.experiment.spec import ExperimentSpec, MethodSpec
 from dpolab.io import atomic_write_json, atomic_write_text
+from dpolab.methods import METHOD_KINDS
 from dpolab.probes.summary import EvalSummary
 from dpolab.progress import PlainLines, duration, interactive
 
@@ -153,6 +154,18 @@ def _edit_cell(model_name: str, edit: MethodSpec, data_path: Path, out: Path, *,
     return _Edited(model=base.model, report=report)
 
 
+def _kind_cell(spec: ExperimentSpec, kind: str, context: str, method: str, source: str, options: dict[str, Any],
+               data_path: Path, cell_dir: Path, *, seed: int, base, say):
+    """A cell of a registered method kind (dpolab.methods): its job, run; returns its Tuned."""
+    from dpolab.methods import METHOD_KINDS, CellJob
+
+    cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
+    job = CellJob(config=cfg, options=spec.methods[method].kind_options(), base=base, model_name=spec.model,
+                  context=context, source=source, context_options=options, seed=seed, work=cell_dir / kind, say=say)
+    job.work.mkdir(parents=True, exist_ok=True)
+    return METHOD_KINDS.get(kind).run(job)
+
+
 def _explain_cell(spec: ExperimentSpec, tuned, behaviour: str, keys: dict[str, Any], out: Path, *, say) -> None:
     """`dpolab explain` of one behaviour between the spec's model and this cell's (in memory), into OUT."""
     from dpolab.explain.run import ExplainOptions, explain
@@ -249,8 +262,13 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 continue
             if stop_after_cells is not None and ran >= stop_after_cells:
                 break
-            shutil.rmtree(cell_dir, ignore_errors=True)  # a cell cut short starts over
-            cell_dir.mkdir(parents=True)
+            # a cell cut short starts over, but a method kind's own folder (its finished rounds, stages, samples,
+            # checkpoints) is kept: the kind resumes from it
+            keep = spec.method_kind(method) if spec.method_kind(method) in METHOD_KINDS else None
+            for part in cell_dir.iterdir() if cell_dir.exists() else ():
+                if part.name != keep:
+                    shutil.rmtree(part) if part.is_dir() else part.unlink()
+            cell_dir.mkdir(parents=True, exist_ok=True)
             # numbered in the whole grid, so a resumed run's log goes on from where the last one stopped
             number = f"cell {len(done) + ran + 1}/{len(cells)}"
             phases.start_cell(number, name)
@@ -267,14 +285,20 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                     data_path = build_placebo(placebo[0], data_path, base_chat(), seed=seed,
                                               cache_dir=out / "contexts", model_id=spec.model)
             edit = spec.edit_method(method)
-            stage = "train" if edit is None else "edit"
+            kind = spec.method_kind(method)
+            stage = "train" if kind in ("train", "edit") and edit is None else kind
             bar.update(task, phase=f"{name}: {stage}")
             with phases(f"{name}: {stage}"):
-                if edit is None:
+                if kind == "train":
                     cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
                     trained = train(cfg)
                     tuned, steps, extra = trained.model, trained.steps, {}
                     del trained
+                elif kind != "edit":  # a registered kind (dpolab.methods) runs the cell's tuning itself
+                    result = _kind_cell(spec, kind, context, method, source, options, data_path, cell_dir, seed=seed,
+                                        base=base_chat(), say=phases.say)
+                    tuned, steps, extra = result.model, result.steps, {kind: result.info}
+                    del result
                 else:  # the base model's weights edited from the pairs: nothing is trained
                     edited = _edit_cell(spec.model, edit, data_path, cell_dir / "edit", seed=seed)
                     tuned, steps, extra = edited.model, 0, {"edit": edited.report.summary()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
@@ -22,26 +22,45 @@ RUNNER_KEYS = {"model", "data", "out", "seed", "progress"}
 
 
 class MethodSpec(StrictModel):
-    """A method: kind "train" (a loss and any TrainConfig keys: lr, beta, lora, epochs, ...) or kind "edit" (a
+    """A method: kind "train" (a loss and any TrainConfig keys: lr, beta, lora, epochs, ...), kind "edit" (a
     weight edit from dpolab.edits.EDITS with its layers and k, computed from the context's pairs; it trains
-    nothing, so the spec's and the context's train keys don't apply to it)."""
+    nothing, so the spec's and the context's train keys don't apply to it), or a kind in
+    dpolab.methods.METHOD_KINDS (curriculum, iterative, rl) with its own `options` beside the loss and train keys."""
 
-    kind: Literal["train", "edit"] = Field("train", description="train: a loss trains the model; edit: the "
-                                           "weights are edited from the pairs (dpolab.edits)")
+    kind: str = Field("train", description="train: a loss trains the model on the pairs; edit: the weights are "
+                      "edited from the pairs (dpolab.edits); or a kind in dpolab.methods.METHOD_KINDS")
     loss: str = "dpo"
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this method")
     edit: str | None = Field(None, description="kind edit: the edit's name in dpolab.edits.EDITS")
     layers: list[int] | str | None = Field(None, description="kind edit: the layers edited, a list or a string "
                                            "like '15-29' (default: the upper half of the model's layers)")
     k: int = Field(DEFAULT_K, ge=0, description="kind edit: directions removed per layer; 0 leaves the model as it is")
+    options: dict[str, Any] = Field(default_factory=dict, description="a registered kind's own options "
+                                    "(dpolab.methods), e.g. rounds: 3 for kind iterative")
 
     @model_validator(mode="after")
     def _keys_of_its_kind(self) -> "MethodSpec":
+        from dpolab.methods import METHOD_KINDS, kind_names
+
         given = self.model_fields_set
-        if self.kind == "train":
-            stray = [key for key in ("edit", "layers", "k") if key in given]
-            if stray:
-                raise ValueError(f"{', '.join(stray)} belong to an edit method; add kind: edit, or remove them")
+        if self.kind not in kind_names():
+            import difflib
+
+            close = difflib.get_close_matches(self.kind, kind_names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown method kind {self.kind!r}{hint}; choose from {', '.join(kind_names())}")
+        edit_keys = [key for key in ("edit", "layers", "k") if key in given]
+        if self.kind != "edit" and edit_keys:
+            raise ValueError(f"{', '.join(edit_keys)} belong to an edit method; add kind: edit, or remove them")
+        if self.kind in ("train", "edit") and "options" in given:
+            raise ValueError(f"options belong to a registered method kind ({', '.join(METHOD_KINDS.names())}); "
+                             f"a {self.kind} method takes its keys in {'train' if self.kind == 'train' else 'edit, layers, k'}")
+        if self.kind in METHOD_KINDS:
+            try:
+                METHOD_KINDS.get(self.kind).make_options(self.options)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if self.kind != "edit":
             return self
         stray = [key for key in ("loss", "train") if key in given]
         if stray:
@@ -57,11 +76,18 @@ class MethodSpec(StrictModel):
 
     @model_serializer(mode="wrap")
     def _only_its_kind(self, handler) -> dict[str, Any]:
-        """A train method dumps as before the edit kind existed (so run fingerprints stay), an edit method
-        without the train keys it has no use for."""
+        """A train method dumps as before other kinds existed (so run fingerprints stay), an edit method without
+        the train keys it has no use for, a registered kind with its options."""
         data = handler(self)
-        drop = ("kind", "edit", "layers", "k") if self.kind == "train" else ("loss", "train")
+        drop = {"train": ("kind", "edit", "layers", "k", "options"), "edit": ("loss", "train", "options")}.get(
+            self.kind, ("edit", "layers", "k"))
         return {key: v for key, v in data.items() if key not in drop}
+
+    def kind_options(self):
+        """The options of a registered kind, as its dataclass."""
+        from dpolab.methods import METHOD_KINDS
+
+        return METHOD_KINDS.get(self.kind).make_options(self.options)
 
 
 class ContextEntry(StrictModel):
@@ -195,6 +221,11 @@ class ExperimentSpec(StrictModel):
             if "self-sft" in ctx.placebos:
                 self.train_config(cname, SELF_SFT_METHOD, data="-", out="-", seed=0)
         return self
+
+    def method_kind(self, method: str) -> str:
+        """The kind of a cell's method: a self-sft placebo's "sft" trains."""
+        spec = self.methods.get(method)
+        return "train" if spec is None else spec.kind
 
     def edit_method(self, method: str) -> MethodSpec | None:
         """The method's spec when it is an edit (the runner edits instead of training), else None."""

@@ -325,28 +325,47 @@ def _set_up(cfg: TrainConfig) -> Run:
 
 
 def _reference(run: Run) -> tuple[Reference, bool | None]:
-    """The reference log-probs: cached on disk (computed once with the starting weights), a frozen copy, the
-    adapter-disabled policy, or none. Returns it and whether the cache was reused."""
+    """The reference log-probs: cached on disk (computed once with the starting weights, or cfg.reference_model's),
+    a frozen copy (of either), the adapter-disabled policy, or none. Returns it and whether the cache was reused."""
     from dpolab.models import dpolab_home
 
     cfg, n = run.cfg, len(run.data.pairs)
+    ref_model = run.model if cfg.reference_model is None or run.reference_kind not in ("cached", "frozen") \
+        else _reference_model(run)
     if run.reference_kind == "cached":
-        key = cache_key(model_fp=weights_fingerprint(run.model), data_fp=run.data.fingerprint, settings=run.settings.key())
+        # keyed by the weights that compute it: a reference_model's, else the starting model's
+        key = cache_key(model_fp=weights_fingerprint(ref_model), data_fp=run.data.fingerprint, settings=run.settings.key())
         cache = ReferenceCache(dpolab_home() / "reference-logps")
         with _progress(cfg.progress and run.is_main) as bar:
             task = bar.add_task("reference log-probs", total=n, info="")
             table, reused = cache.get_or_compute(
                 key,
-                lambda: compute_dataset_logps(run.model, run.batches(list(range(n))), mode=cfg.forward,
+                lambda: compute_dataset_logps(ref_model, run.batches(list(range(n))), mode=cfg.forward,
                                               chunk_tokens=cfg.chunk_tokens, n=n, on_batch=lambda k: bar.advance(task, k)),
-                meta={"model": cfg.model, "data": cfg.data, "pairs": n},
+                meta={"model": cfg.reference_model or cfg.model, "data": cfg.data, "pairs": n},
             )
         if reused:
             run.console.print("reference log-probs: reused from the cache")
         return Reference("cached", table=table), reused
     if run.reference_kind == "frozen":
+        if ref_model is not run.model:  # already a copy of its own
+            return Reference("frozen", model=ref_model, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens), None
         return Reference.frozen_copy(run.model, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens), None
     return Reference(run.reference_kind, mode=cfg.forward, chunk_tokens=cfg.chunk_tokens), None
+
+
+def _reference_model(run: Run) -> torch.nn.Module:
+    """cfg.reference_model loaded frozen beside the policy (same dtype and device); its vocabulary must be the
+    policy's, since the pairs are tokenized once with the policy's tokenizer."""
+    from dpolab.models import load_model
+
+    cfg = run.cfg
+    ref = load_model(cfg.reference_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                     device=run.accelerator.device).model.eval()
+    ref.requires_grad_(False)
+    if ref.get_input_embeddings().num_embeddings != run.model.get_input_embeddings().num_embeddings:
+        raise ConfigError(f"reference_model {cfg.reference_model!r} has another vocabulary than {cfg.model!r}")
+    return ref
 
 
 def _optimizer(run: Run, model: torch.nn.Module):
