@@ -307,7 +307,7 @@ def reply_logps(model, prompts: Sequence[Sequence[int]], replies: Sequence[Seque
     reply positions reach the LM head (dpolab.training.logps.token_logps, chunked).  -> (N, T), 0 past a reply
     """
     from dpolab.models.scoring import upcast
-    from dpolab.training.logps import _causal_lm_parts, token_logps
+    from dpolab.training.logps import causal_lm_parts, token_logps
 
     device = next(model.parameters()).device
     N, L, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, replies)), max(len(r) for r in replies)
@@ -324,7 +324,7 @@ def reply_logps(model, prompts: Sequence[Sequence[int]], replies: Sequence[Seque
         valid[i, : len(r)] = True
     ids, mask, at, targets, valid = (t.to(device) for t in (ids, mask, at, targets, valid))
     rows = torch.arange(N, device=device)[:, None].expand(N, T)[valid]  # (M,)
-    parts = _causal_lm_parts(model)
+    parts = causal_lm_parts(model)
     if parts is not None:
         body, head = parts
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, H)

@@ -216,7 +216,7 @@ def token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return torch.cat(parts) if parts else hidden.new_zeros(0)
 
 
-def _causal_lm_parts(model):
+def causal_lm_parts(model):
     """(decoder body, LM head) of a causal LM, looking through peft wrappers, or None if it can't be split."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
@@ -374,7 +374,7 @@ def sequence_logps(model, batch: PairBatch, *, mode: str = "prefix", chunk_token
     mode: "prefix" shares the prompt pass between chosen and rejected; "concat" runs them separately.
     chunk_tokens: completion positions sent through the LM head at once; bounds logits memory.
     """
-    parts = _causal_lm_parts(model)
+    parts = causal_lm_parts(model)
     if mode == "prefix" and parts is not None:
         try:
             return _prefix_forward(*parts, batch, chunk_tokens)
