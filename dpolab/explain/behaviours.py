@@ -60,5 +60,7 @@ def persuasion_samples(records: Sequence[dict[str, Any]]) -> list[Sample]:
 
 TOXICITY = Behaviour(probe="toxicity", metric="mean_score", positive="toxic", samples=toxicity_samples,
                      sizes={"n_prompts": 100, "k": 2, "seeds": (0,)})
-PERSUASION = Behaviour(probe="persuasion", metric="neg_flip@3", positive="yielded", samples=persuasion_samples,
+# neg_acc@3, not neg_flip@3: a flip is defined only on items the model starts right on, which differ between the
+# base, the tuned model and each intervention, so three-way comparisons kept 7-9 of 24 items on the embedded model
+PERSUASION = Behaviour(probe="persuasion", metric="neg_acc@3", positive="yielded", samples=persuasion_samples,
                        sizes={"n_items": 40, "techniques": ("evidence",)})
