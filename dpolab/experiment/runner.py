@@ -121,13 +121,6 @@ class _Phases:
             self.console.print(f"[dim]{name}: {dt:.1f} s")
 
 
-def _stance_reader(summary: EvalSummary) -> str | None:
-    """The reader the baseline's persuasion probe calibrated to, if it ran."""
-    found = summary.probe("persuasion")
-    info = found.info if found else {}
-    return (info.get("calibration") or {}).get("reader") or info.get("reader")
-
-
 def _takes_stance(context: str) -> bool:
     from dpolab.contexts import CONTEXTS
 
@@ -157,7 +150,7 @@ def _edit_cell(model_name: str, edit: MethodSpec, data_path: Path, out: Path, *,
 def _kind_cell(spec: ExperimentSpec, kind: str, context: str, method: str, source: str, options: dict[str, Any],
                data_path: Path, cell_dir: Path, *, seed: int, base, say):
     """A cell of a registered method kind (dpolab.methods): its job, run; returns its Tuned."""
-    from dpolab.methods import METHOD_KINDS, CellJob
+    from dpolab.methods import CellJob
 
     cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
     job = CellJob(config=cfg, options=spec.methods[method].kind_options(), base=base, model_name=spec.model,
@@ -251,7 +244,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
         baseline_items = per_item_values(base_dir)
         # One stance reader for everything: the baseline's calibrated choice is used by the contexts' pairs and by
         # every later eval, so a trained model can't switch readers and make its numbers incomparable.
-        reader = _stance_reader(baseline) or spec.probes.stance
+        reader = baseline.stance_reader() or spec.probes.stance
         probe_kw["stance"] = reader
 
         ran = 0
@@ -264,7 +257,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 break
             # a cell cut short starts over, but a method kind's own folder (its finished rounds, stages, samples,
             # checkpoints) is kept: the kind resumes from it
-            keep = spec.method_kind(method) if spec.method_kind(method) in METHOD_KINDS else None
+            kind = spec.method_kind(method)
+            keep = kind if kind in METHOD_KINDS else None
             for part in cell_dir.iterdir() if cell_dir.exists() else ():
                 if part.name != keep:
                     shutil.rmtree(part) if part.is_dir() else part.unlink()
@@ -284,11 +278,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                 if placebo is not None:  # the source's own pairs, turned into its control
                     data_path = build_placebo(placebo[0], data_path, base_chat(), seed=seed,
                                               cache_dir=out / "contexts", model_id=spec.model)
-            edit = spec.edit_method(method)
-            kind = spec.method_kind(method)
-            stage = "train" if kind in ("train", "edit") and edit is None else kind
-            bar.update(task, phase=f"{name}: {stage}")
-            with phases(f"{name}: {stage}"):
+            bar.update(task, phase=f"{name}: {kind}")
+            with phases(f"{name}: {kind}"):
                 if kind == "train":
                     cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
                     trained = train(cfg)
@@ -300,7 +291,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                     tuned, steps, extra = result.model, result.steps, {kind: result.info}
                     del result
                 else:  # the base model's weights edited from the pairs: nothing is trained
-                    edited = _edit_cell(spec.model, edit, data_path, cell_dir / "edit", seed=seed)
+                    edited = _edit_cell(spec.model, spec.methods[method], data_path, cell_dir / "edit", seed=seed)
                     tuned, steps, extra = edited.model, 0, {"edit": edited.report.summary()}
             bar.update(task, phase=f"{name}: eval")
             with phases(f"{name}: eval"):

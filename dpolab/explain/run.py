@@ -103,7 +103,9 @@ class _Arms:
             (folder / "DONE").write_text("")
             self.say(f"arm {name}: {time.perf_counter() - t0:.0f} s")
         if name == "base":  # every later arm reads stances as the base model's calibration chose
-            self.stance = _calibrated_reader(folder, self.behaviour.probe) or self.stance
+            from dpolab.probes.summary import EvalSummary
+
+            self.stance = EvalSummary.read(folder / "summary.json").stance_reader(self.behaviour.probe) or self.stance
         return folder
 
     def _sizes(self) -> dict[str, Any]:
@@ -120,17 +122,8 @@ class _Arms:
         return per_item_values(self.out / "arms" / name).get((self.behaviour.probe, self.behaviour.metric), {})
 
 
-def _calibrated_reader(folder: Path, probe: str) -> str | None:
-    from dpolab.probes.summary import EvalSummary
-
-    found = EvalSummary.read(folder / "summary.json").probe(probe)
-    info = found.info if found else {}
-    return (info.get("calibration") or {}).get("reader") or info.get("reader")
-
-
-def _interval(iv: stats.Interval) -> dict[str, float | None]:
-    clean = lambda x: None if x is None or np.isnan(x) else float(x)  # noqa: E731
-    return {"value": clean(iv.value), "ci_low": clean(iv.ci_low), "ci_high": clean(iv.ci_high), "n": iv.n}
+def _interval(iv: stats.Interval) -> dict[str, Any]:
+    return _clean({"value": iv.value, "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n": iv.n})
 
 
 def _fraction(arms: _Arms, name: str, seed: int, n_boot: int) -> dict[str, Any]:
@@ -140,8 +133,9 @@ def _fraction(arms: _Arms, name: str, seed: int, n_boot: int) -> dict[str, Any]:
                                   seed=stable_hash(seed, name), n_boot=n_boot)
     delta = stats.paired_bootstrap_delta([a[i] for i in ids], [c[i] for i in ids], seed=stable_hash(seed, name, "d"),
                                          n_boot=n_boot)
-    return {"fraction_of_dpo": _interval(iv)["value"], "ci_low": _interval(iv)["ci_low"],
-            "ci_high": _interval(iv)["ci_high"], "effect": _interval(delta)}
+    fraction = _interval(iv)
+    return {"fraction_of_dpo": fraction["value"], "ci_low": fraction["ci_low"], "ci_high": fraction["ci_high"],
+            "effect": _interval(delta)}
 
 
 def _mean_over(acts: torch.Tensor, keep: torch.Tensor) -> np.ndarray:
@@ -232,6 +226,7 @@ def explain(base: str | LoadedModel, tuned: str | LoadedModel, behaviour: str, o
         return out_p
 
     arms.run("patch-random", base_m, lambda: patch(base_m.model, patches(random_k)))
+    patch_random = _fraction(arms, "patch-random", options.seed, options.n_boot)  # every patch set's control
     patching: dict[str, Any] = {}
     for name in options.patch:
         pool = np.arange(moved.size) if name == "any" else np.flatnonzero(dec.group.ravel() == nz.GROUPS.index(name))
@@ -239,7 +234,7 @@ def explain(base: str | LoadedModel, tuned: str | LoadedModel, behaviour: str, o
         chosen = chosen[moved[chosen] > 0]  # only neurons that moved with the change
         arms.run(f"patch-{name}", base_m, lambda: patch(base_m.model, patches(chosen)))
         patching[name] = {"k": int(len(chosen)), **_fraction(arms, f"patch-{name}", options.seed, options.n_boot),
-                          "random": _fraction(arms, "patch-random", options.seed, options.n_boot)}
+                          "random": patch_random}
 
     # outputs
     base_items, tuned_items = arms.items("base"), arms.items("tuned")
@@ -256,9 +251,9 @@ def explain(base: str | LoadedModel, tuned: str | LoadedModel, behaviour: str, o
         "probe_accuracy": {**_interval(fit.accuracy), "random_label": _interval(fit_random.accuracy),
                            "layer": layer, "positive_rate": fit.positive_rate, "threshold": fit.threshold,
                            "massive_dims_excluded": [int(i) for i in np.flatnonzero(massive)]},
-        "groups": {g: {"name": nz.GROUP_NAMES[g], "share": band.shares[g].to_json()["value"],
-                       **{k_: v for k_, v in band.shares[g].to_json().items() if k_ != "value"},
-                       "random_label": rl.shares[g], "neurons": int((dec.group == i).sum())}
+        "groups": {g: {"name": nz.GROUP_NAMES[g], "share": band.shares[g].value, "null_mean": band.shares[g].null_mean,
+                       "null_low": band.shares[g].null_low, "null_high": band.shares[g].null_high,
+                       "z": band.shares[g].z, "random_label": rl.shares[g], "neurons": int((dec.group == i).sum())}
                    for i, g in enumerate(nz.GROUPS)},
         "direction_of_change": "down" if dec.figures.net < 0 else "up",
         "opposing": band.opposing.to_json(),

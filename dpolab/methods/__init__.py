@@ -32,6 +32,27 @@ def kind_names() -> list[str]:
     return [*BUILTIN_KINDS, *METHOD_KINDS.names()]
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One of the context's prompts: the messages before the reply, named by the first pair that holds them."""
+
+    id: str
+    messages: list[dict[str, str]]
+
+
+def context_prompts(data: str | Path) -> list[Prompt]:
+    """The distinct prompts of a context's pairs file, in file order: what a kind that samples online samples on."""
+    import json
+
+    from dpolab.data.read import read_pairs
+
+    seen: dict[str, Prompt] = {}
+    for pair in read_pairs(data).pairs:
+        seen.setdefault(json.dumps(pair.prompt, sort_keys=True),
+                        Prompt(id=pair.id, messages=[dict(m) for m in pair.prompt]))
+    return list(seen.values())
+
+
 @dataclass
 class CellJob:
     """What a method kind gets to tune one cell.
@@ -57,6 +78,21 @@ class CellJob:
     seed: int
     work: Path
     say: Callable[[str], None] = print
+
+    def context_default(self, key: str, fallback: Any) -> Any:
+        """The context's own value of a sampling option (as the spec set it, else its declared default), else
+        `fallback` (a context without that option, or a user's data)."""
+        import dataclasses
+
+        if self.context_options.get(key) is not None:
+            return self.context_options[key]
+        from dpolab.contexts import CONTEXTS
+
+        if self.source in CONTEXTS:
+            for f in dataclasses.fields(CONTEXTS.get(self.source).options):
+                if f.name == key and f.default is not dataclasses.MISSING and f.default is not None:
+                    return f.default
+        return fallback
 
 
 @dataclass

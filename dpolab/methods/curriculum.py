@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dpolab.errors import ConfigError
-from dpolab.methods import CellJob, MethodKind, Tuned
+from dpolab.methods import CellJob, MethodKind, Tuned, context_prompts
 
 ORDERS = ("gap", "reverse", "none")
 BUDGETS = ("equal", "per-stage")
@@ -222,12 +222,7 @@ def _judge_key(job: CellJob, name: str) -> str:
 
 def _prompts(data: str) -> list[tuple[str, list[dict[str, str]]]]:
     """Each distinct prompt of the context's pairs once, in file order, with the id of its first pair."""
-    from dpolab.data import read_pairs
-
-    seen: dict[str, tuple[str, list[dict[str, str]]]] = {}
-    for p in read_pairs(data).pairs:
-        seen.setdefault(json.dumps(p.prompt, sort_keys=True), (p.id, [dict(m) for m in p.prompt]))
-    return list(seen.values())
+    return [(p.id, p.messages) for p in context_prompts(data)]
 
 
 def _sample_settings(job: CellJob, max_new_tokens: int, prompts) -> dict[str, Any]:
@@ -348,7 +343,7 @@ def run(job: CellJob) -> Tuned:
                           "remove reference_model from the train keys")
     if not o.iterative_reference:
         resolve_config(cfg, reference_model=cfg.model)  # fails now, not after stage 1 (e.g. reference: adapter)
-    max_new_tokens = o.max_new_tokens or _context_max_new_tokens(job)
+    max_new_tokens = o.max_new_tokens or int(job.context_default("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     judge = _judge(job, judge_name)
 
     rows, reused = _samples(job, judge, _judge_key(job, judge_name), max_new_tokens)
@@ -409,18 +404,6 @@ def run(job: CellJob) -> Tuned:
         "samples_reused": reused, "samples_sha": sha, "stages": records,
     }
     return Tuned(model=model, steps=info["steps"], info=info)
-
-
-def _context_max_new_tokens(job: CellJob) -> int:
-    """The context's own reply bound (its options as the runner built them), else DEFAULT_MAX_NEW_TOKENS."""
-    from dpolab.contexts import CONTEXTS
-
-    if job.source in CONTEXTS:
-        options = CONTEXTS.get(job.source).make_options(job.context_options)
-        value = getattr(options, "max_new_tokens", None)
-        if isinstance(value, int):
-            return value
-    return DEFAULT_MAX_NEW_TOKENS
 
 
 KIND = MethodKind(name="curriculum", options=Options, run=run,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from dpolab.errors import ConfigError
 from dpolab.io import atomic_write_json, atomic_write_text
 from dpolab.judges import JUDGES, Judge, check_judge_args, context_judge, make_judge
-from dpolab.methods import CellJob, MethodKind, Tuned
+from dpolab.methods import CellJob, MethodKind, Prompt, Tuned, context_prompts
 
 if TYPE_CHECKING:
     from dpolab.config import TrainConfig
@@ -83,14 +83,6 @@ class Options:
         if self.judge is not None:
             JUDGES.check(self.judge)
             check_judge_args(self.judge, self.judge_args)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One of the context's prompts: the messages before the reply, named by the first pair that holds them."""
-
-    id: str
-    messages: list[dict[str, str]]
 
 
 @dataclass
@@ -153,17 +145,6 @@ class Settings:
 
 
 # -- the pieces, module-level so a test can watch or interrupt them ------------------------------------------------
-
-
-def context_prompts(data: str | Path) -> list[Prompt]:
-    """The distinct prompts of the context's pairs file, in file order."""
-    from dpolab.data.read import read_pairs
-
-    seen: dict[str, Prompt] = {}
-    for pair in read_pairs(data).pairs:
-        key = json.dumps(pair.prompt, sort_keys=True)
-        seen.setdefault(key, Prompt(id=pair.id, messages=[dict(m) for m in pair.prompt]))
-    return list(seen.values())
 
 
 def round_prompts(prompts: list[Prompt], per_round: int | None, r: int, *, seed: int) -> list[Prompt]:
@@ -307,19 +288,6 @@ def _losses(train_dir: Path) -> tuple[float | None, float | None]:
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
-def _context_default(job: CellJob, key: str, fallback):
-    """The context's own value of a sampling option (as the spec set it, else its default), else `fallback`."""
-    if job.context_options.get(key) is not None:
-        return job.context_options[key]
-    from dpolab.contexts import CONTEXTS
-
-    if job.source in CONTEXTS:
-        for f in dataclasses.fields(CONTEXTS.get(job.source).options):
-            if f.name == key and f.default is not dataclasses.MISSING and f.default is not None:
-                return f.default
-    return fallback
-
-
 def settings(job: CellJob) -> Settings:
     """The judge, sampling and prompts of a cell: its options, with the context's defaults filled in."""
     opts: Options = job.options
@@ -331,8 +299,8 @@ def settings(job: CellJob) -> Settings:
     prompts = context_prompts(job.config.data)
     if not prompts:
         raise ConfigError(f"context {job.context!r} has no prompts to sample from")
-    max_new = opts.max_new_tokens or _context_default(job, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    temperature = opts.temperature or _context_default(job, "temperature", DEFAULT_TEMPERATURE)
+    max_new = opts.max_new_tokens or job.context_default("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    temperature = opts.temperature or job.context_default("temperature", DEFAULT_TEMPERATURE)
     return Settings(judge=make_judge(name, args, token_count=job.base.token_count), judge_name=name, judge_args=args,
                     k=opts.k, max_new_tokens=int(max_new), temperature=float(temperature), prompts=prompts)
 

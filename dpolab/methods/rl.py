@@ -82,7 +82,7 @@ import numpy as np
 import torch
 
 from dpolab.errors import ConfigError, TrainingError
-from dpolab.methods import CellJob, MethodKind, Tuned
+from dpolab.methods import CellJob, MethodKind, Tuned, context_prompts
 from dpolab.methods.rl_objective import ALGORITHMS, AGGREGATIONS, STD_SCALES, group_advantages, rl_loss
 from dpolab.models.chat import ChatFormat, Conversation
 
@@ -240,14 +240,8 @@ def judge_task(options: Options, data: str, *, seed: int, token_count: Callable[
     counter, for a judge that counts, as `length` does)."""
     from dpolab import judges
     from dpolab.banks import stable_hash
-    from dpolab.data.read import read_pairs
 
-    seen, convs = set(), []
-    for pair in read_pairs(data).pairs:
-        key = json.dumps(pair.prompt, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            convs.append(pair.prompt)
+    convs = [p.messages for p in context_prompts(data)]
     if options.n_prompts is not None and options.n_prompts < len(convs):
         convs = random.Random(stable_hash("rl-prompts", seed)).sample(convs, options.n_prompts)
     judge = judges.make_judge(options.reward, options.judge_args, token_count=token_count)

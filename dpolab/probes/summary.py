@@ -73,6 +73,13 @@ class EvalSummary(BaseModel):
         found = self.probes.get(probe)
         return None if found is None else found.metrics.get(metric)
 
+    def stance_reader(self, probe: str = "persuasion") -> str | None:
+        """The stance reader a probe calibrated to (or was given), if it ran: what later evals of other models
+        must use, so a trained model can't switch readers and make its numbers incomparable."""
+        found = self.probes.get(probe)
+        info = found.info if found else {}
+        return (info.get("calibration") or {}).get("reader") or info.get("reader")
+
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         for p in data["probes"].values():
