@@ -10,6 +10,7 @@ from dpolab.bench.train import SYSTEMS as BENCH_SYSTEMS
 from dpolab.errors import DpolabError
 from dpolab.models.backends import BACKEND_CHOICES
 from dpolab.stance import READERS, STANCE_CHOICES
+from dpolab.tracking import TRACKERS
 
 BACKEND_HELP = (f"inference engine: {', '.join(BACKEND_CHOICES)} (auto: vllm for a model on a GPU when it is installed, "
                 "otherwise hf)")
@@ -92,7 +93,8 @@ def main() -> None:
 def _loss_help() -> str:
     from dpolab.losses import LOSSES
 
-    return f"loss: {', '.join(LOSSES.names())}"
+    return (f"loss: {', '.join(LOSSES.names())}; or a weighted list of them: "
+            "--set 'loss=[dpo, sft]' --set 'loss_weights=[1.0, 0.2]'")
 
 
 @app.command()
@@ -110,6 +112,10 @@ def train(
     resume: str = typer.Option(None, help="continue the run in this OUT folder from its newest checkpoint"),
     seed: int = typer.Option(None),
     skip_invalid: bool = typer.Option(None, "--skip-invalid", help="drop invalid rows and report how many"),
+    report_to: list[str] = typer.Option(None, "--report-to", help="also record the run in a tracker (repeat for "
+                                        "several): " + ", ".join(TRACKERS.names())),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow's store (default: $MLFLOW_TRACKING_URI, "
+                                     "else a file store in OUT/mlruns)"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set warmup_steps=10 --set loss_args.alpha=0.5"),
 ) -> None:
     """Train a DPO-family method on preference data."""
@@ -117,7 +123,8 @@ def train(
     from dpolab.training.loop import train as run_train
 
     overrides = {k: v for k, v in dict(model=model, data=data, loss=loss, beta=beta, lr=lr, batch_size=batch_size,
-                                       max_steps=max_steps, out=out, lora=lora, seed=seed, skip_invalid=skip_invalid).items() if v is not None}
+                                       max_steps=max_steps, out=out, lora=lora, seed=seed, skip_invalid=skip_invalid,
+                                       report_to=report_to or None, tracking_uri=tracking_uri).items() if v is not None}
     for item in set_:
         key, sep, value = item.partition("=")
         if not sep:
@@ -158,6 +165,10 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue the experiment in --out, skipping finished cells"),
     backend: str = typer.Option(None, "--backend", help=BACKEND_HELP + "; overrides the spec's backend:"),
     int8: bool = typer.Option(None, "--int8", help=INT8_HELP),
+    executor: str = typer.Option("local", "--executor", help="where the cells run: local (one after another here) or "
+                                 "ray (each cell a Ray task; the spec's `resources` sets its CPUs/GPUs)"),
+    address: str = typer.Option(None, "--address", help="the Ray cluster to join (with --executor ray); default: "
+                                "start a local one"),
 ) -> None:
     """Does DPO improve or harm the model? Train every (context, method, seed) cell, evaluate, compare, report."""
     import time
@@ -171,10 +182,12 @@ def run(
     loaded = load_spec(spec, quick=quick, preset=preset, overrides=overrides)
     out = out or f"runs/experiment-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        report = run_experiment(loaded, out, resume=resume, quick=quick)
+        report = run_experiment(loaded, out, resume=resume, quick=quick, executor=executor, address=address)
     except KeyboardInterrupt:
         again = "".join([" --quick" if quick else "", f" --preset {preset}" if preset else "",
-                         f" --backend {backend}" if backend else "", " --int8" if int8 else ""])
+                         f" --backend {backend}" if backend else "", " --int8" if int8 else "",
+                         f" --executor {executor}" if executor != "local" else "",
+                         f" --address {address}" if address else ""])
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
                     + again, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
@@ -265,6 +278,7 @@ def eval_(
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's choice)"),
     set_: list[str] = typer.Option([], "--set", help="probe option: --set persuasion.turns=2 --set toxicity.k=4"),
     all_metrics: bool = typer.Option(False, "--all-metrics", help="print the by-technique/domain/category breakdowns too"),
+    inspect_log: str | None = typer.Option(None, "--inspect-log", help="also write the eval as Inspect logs (one .eval per probe) into this folder; open with `inspect view --log-dir DIR`"),
 ) -> None:
     from rich.console import Console
 
@@ -273,6 +287,10 @@ def eval_(
     from dpolab.probes.run import beside_table, summary_table
     from dpolab.progress import progress_display
 
+    if inspect_log is not None:  # a missing inspect_ai fails now, not after the eval
+        from dpolab.probes.inspect_log import require_inspect
+
+        require_inspect()
     if threads is not None:
         import torch
 
@@ -294,6 +312,21 @@ def eval_(
     if found is not None and found.beside:
         table_console.print(beside_table(summary))
     typer.echo(f"wrote {out}/summary.json and per-probe Parquet files ({summary.wall_time_s['total']:.0f} s)")
+    if inspect_log is not None:
+        inspect_log_cmd(out, out=inspect_log)
+
+
+@app.command("inspect-log")
+def inspect_log_cmd(
+    eval_dir: str = typer.Argument(..., help="a finished eval folder (summary.json and the per-probe Parquet files)"),
+    out: str = typer.Option(..., "--out", help="folder for the Inspect logs, one .eval per probe"),
+) -> None:
+    """Write a finished eval folder as Inspect logs, without rerunning it: one sample per item with its transcript,
+    scores and metadata; open them with `inspect view --log-dir DIR`."""
+    from dpolab.probes.inspect_log import write_inspect_log
+
+    paths = write_inspect_log(eval_dir, out)
+    typer.echo(f"wrote {len(paths)} Inspect logs to {out} (open with: inspect view --log-dir {out})")
 
 
 @bench_app.command("eval")

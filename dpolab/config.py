@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from dpolab import DEFAULT_MODEL
 from dpolab.errors import ConfigError
+from dpolab.tracking import TrackerNames
 
 
 class StrictModel(BaseModel):
@@ -23,10 +24,14 @@ class TrainConfig(StrictModel):
     data: str | None = Field(None, description="preference data: .jsonl/.json/.parquet/.csv or a save_to_disk folder")
     out: str | None = Field(None, description="output folder: metrics.jsonl, checkpoints/, model/")
     # the objective
-    loss: str = Field("dpo", description="loss name from dpolab.losses.LOSSES")
+    loss: str | list[str] = Field("dpo", description="loss name from dpolab.losses.LOSSES, or a list of them whose "
+                                  "weighted sum is trained (loss: [dpo, sft] with loss_weights: [1.0, 0.2])")
     beta: float | None = Field(None, gt=0, description="strength of the pull towards the reference; larger stays closer "
                                "(unset: the loss's own default, e.g. 0.1 for dpo, 2.0 for simpo)")
-    loss_args: dict[str, Any] = Field(default_factory=dict, description="extra options of the chosen loss")
+    loss_args: dict[str, Any] = Field(default_factory=dict, description="extra options of the chosen loss; for a list "
+                                      "of losses, one mapping per loss name ({simpo: {gamma: 0.5}})")
+    loss_weights: list[float] | None = Field(None, description="for a list of losses: one weight >= 0 each, in order "
+                                             "(unset: 1 each); only the first loss's rewards are reported")
     sft_weight: float = Field(0.0, ge=0, description="weight of an extra NLL term on the chosen response (RPO)")
     emphasis: float = Field(1.0, gt=0, description="token-weighted DPO: weight of the completion tokens inside each "
                             "pair's meta.emphasis spans ({chosen: [[start, end], ...], rejected: [...]}, character "
@@ -79,14 +84,20 @@ class TrainConfig(StrictModel):
     final_checkpoint: bool = Field(True, description="also checkpoint after the last step (optimizer state included)")
     save_model: bool = Field(True, description="write OUT/model (merged weights) at the end")
     progress: bool = True
+    # tracking (dpolab.tracking)
+    report_to: TrackerNames = Field(default_factory=list, description="trackers that also record the run: "
+                                 "mlflow, tensorboard (dpolab.tracking.TRACKERS); empty: none")
+    tracking_uri: str | None = Field(None, description="MLflow's store; default: $MLFLOW_TRACKING_URI, else a file "
+                                     "store in OUT/mlruns")
+
 
     @field_validator("loss")
     @classmethod
-    def _known_loss(cls, name: str) -> str:
+    def _known_loss(cls, name: str | list[str]) -> str | list[str]:
         from dpolab.losses import LOSSES
 
         try:
-            return LOSSES.check(name)
+            return LOSSES.check(name) if isinstance(name, str) else [LOSSES.check(n) for n in name]
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 
@@ -94,20 +105,26 @@ class TrainConfig(StrictModel):
     def _loss_args_fit(self) -> "TrainConfig":
         from dpolab.losses import loss_options
 
-        options = loss_options(self.loss)
-        valid = {k: v for k, v in options.items() if k != "beta"}
-        unknown = sorted(set(self.loss_args) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"loss {self.loss!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
-            )
-        if "beta" in options and self.beta is None:
-            # The loss's own default, written into the resolved config so OUT/config.yaml says what was used
-            # (SimPO's β is 2.0, not DPO's 0.1). Assignment re-validates; beta is then set, so this runs once.
-            self.beta = options["beta"][1]
-            self.model_fields_set.discard("beta")  # still "not set by the user": another loss gets its own default
-        elif "beta" not in options and self.beta is not None:
-            raise ValueError(f"loss {self.loss!r} takes no beta; remove beta (got {self.beta!r})")
+        if isinstance(self.loss, list):
+            self._loss_list_fits()
+        elif self.loss_weights is not None:
+            raise ValueError(f"loss_weights needs a list of losses (loss: [{self.loss}, sft]); loss {self.loss!r} is "
+                             "one, so remove loss_weights")
+        else:
+            options = loss_options(self.loss)
+            valid = {k: v for k, v in options.items() if k != "beta"}
+            unknown = sorted(set(self.loss_args) - set(valid))
+            if unknown:
+                raise ValueError(
+                    f"loss {self.loss!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid) or 'none'}"
+                )
+            if "beta" in options and self.beta is None:
+                # The loss's own default, written into the resolved config so OUT/config.yaml says what was used
+                # (SimPO's β is 2.0, not DPO's 0.1). Assignment re-validates; beta is then set, so this runs once.
+                self.beta = options["beta"][1]
+                self.model_fields_set.discard("beta")  # still "not set by the user": another loss gets its own default
+            elif "beta" not in options and self.beta is not None:
+                raise ValueError(f"loss {self.loss!r} takes no beta; remove beta (got {self.beta!r})")
         if self.reference == "adapter" and not self.lora:
             raise ValueError("reference 'adapter' needs lora: true")
         if self.reference_model is not None and self.reference in ("adapter", "none"):
@@ -115,6 +132,39 @@ class TrainConfig(StrictModel):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         return self
+
+    def _loss_list_fits(self) -> None:
+        """A weighted list of losses (dpolab.losses.compute_loss): names known and distinct, one weight >= 0 each,
+        loss_args one mapping per loss name. beta is shared by the losses that declare one; unset, it is their
+        common default (an error if their defaults differ). Unset weights become 1 each. Both resolved values are
+        written into the config, as a single loss's beta is."""
+        from dpolab.losses import check_combination, loss_options
+
+        try:
+            weights = check_combination(self.loss, self.loss_weights, self.loss_args)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if self.loss_weights != weights:
+            self.loss_weights = weights  # re-validates once; equal then
+            self.model_fields_set.discard("loss_weights")  # as beta: another list gets its own
+        defaults = {n: loss_options(n)["beta"][1] for n in self.loss if "beta" in loss_options(n)}
+        if defaults and self.beta is None:
+            if len(set(defaults.values())) > 1:
+                listed = ", ".join(f"{n} {b}" for n, b in defaults.items())
+                raise ValueError(f"beta is shared by the listed losses that take one, and their own defaults differ "
+                                 f"({listed}); set beta")
+            self.beta = next(iter(defaults.values()))
+            self.model_fields_set.discard("beta")
+        elif not defaults and self.beta is not None:
+            raise ValueError(f"none of the losses {', '.join(self.loss)} takes beta; remove beta (got {self.beta!r})")
+
+    @model_serializer(mode="wrap")
+    def _loss_weights_only_for_a_list(self, handler) -> dict[str, Any]:
+        """No loss_weights key for a single loss, so its resolved config (OUT/config.yaml) is as before lists."""
+        data = handler(self)
+        if self.loss_weights is None:
+            data.pop("loss_weights", None)
+        return data
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:

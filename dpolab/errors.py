@@ -19,3 +19,7 @@ class ModelError(DpolabError):
 
 class TrainingError(DpolabError):
     """Training hit a state it cannot continue from (for example a non-finite loss)."""
+
+
+class RunError(DpolabError):
+    """Cells of an experiment failed; the finished ones are kept and a rerun with --resume runs the others."""

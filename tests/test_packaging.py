@@ -17,9 +17,9 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
 
 
-def _lock() -> dict[str, str]:
+def _lock(name: str = "requirements.lock") -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / name).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
@@ -42,3 +42,16 @@ def test_every_declared_dependency_is_pinned_in_the_lock_at_the_same_version():
             different.append(f"{name}: pyproject {requirement.split('==', 1)[1]} lock {pins[name]}")
     assert not missing, f"not in requirements.lock: {missing}"
     assert not different, different
+
+
+def test_the_optional_integrations_are_pinned_in_the_extras_lock_and_agree_with_the_main_lock():
+    """`scripts/setup.sh test` installs requirements-extras.lock over requirements.lock so that the tests of Ray,
+    MLflow, TensorBoard, Inspect and TRL run: each extra is pinned there, and no package is pinned twice."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [r for key, reqs in project["optional-dependencies"].items() if key != "test" for r in reqs]
+    pins, main = _lock("requirements-extras.lock"), _lock()
+    assert {"trl", "ray", "mlflow-skinny", "tensorboard", "inspect-ai"} <= {_name(r) for r in extras}
+    for requirement in extras:
+        name = _name(requirement)
+        assert pins.get(name) == requirement.split("==", 1)[1].strip(), name
+    assert not set(pins) & set(main), sorted(set(pins) & set(main))

@@ -8,6 +8,8 @@ $DPOLAB_HOME, the cached reference log-probs.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import platform
 import shutil
@@ -15,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
@@ -38,6 +40,9 @@ class RunReport:
     rows: list[ResultRow]  # results.parquet: each (context, method) pooled over its seeds
     phases: list[tuple[str, float]] = field(default_factory=list)  # (phase, seconds)
     skipped: list[str] = field(default_factory=list)  # cells already done before this run
+
+
+EXECUTORS = ("local", "ray")  # how the cells run: one after another here, or as Ray tasks (dpolab.experiment.ray_executor)
 
 
 def cell_name(context: str, method: str, seed: int) -> str:
@@ -169,26 +174,159 @@ def _explain_cell(spec: ExperimentSpec, tuned, behaviour: str, keys: dict[str, A
     explain(load_model(spec.model), tuned, behaviour, out, options=options, say=say)
 
 
-def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = False, quick: bool = False, progress: bool = True,
-                   stop_after_cells: int | None = None) -> RunReport:
-    """Run the grid of `spec` into `out`; see the module docstring. Returns the rows of results.parquet.
+@dataclass
+class CellPlan:
+    """One cell as the driver hands it to an executor. `data_path` is set once the driver has built its pairs."""
 
-    stop_after_cells: end after this many cells have been run in this call (used to test resuming).
-    """
-    from rich.console import Console
+    context: str
+    method: str
+    seed: int
+    number: str  # "cell 3/6": its place in the whole grid
+    data_path: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the source context's options, as the pairs used them
 
+    @property
+    def name(self) -> str:
+        return cell_name(self.context, self.method, self.seed)
+
+
+def _engine(spec: ExperimentSpec, loaded, say):
+    from dpolab.models.backends import chat_model
+
+    return chat_model(loaded, backend=spec.backend, batch_size=spec.probes.batch_size, int8=spec.int8, echo=say)
+
+
+def _lazy_base(spec: ExperimentSpec, say) -> Callable[[], Any]:
+    """The base model's chat engine, loaded on the first call and then kept (`.cache_clear()` lets it go): a resumed
+    run whose baseline and pairs exist never loads it."""
+
+    @functools.cache
+    def base_chat():
+        from dpolab.models.load import load_model
+
+        return _engine(spec, load_model(spec.model), say)
+
+    return base_chat
+
+
+def _probe_kw(spec: ExperimentSpec, reader: str) -> dict[str, Any]:
+    return dict(probes=spec.probes.names, sizes=spec.probes.sizes, limit=spec.probes.limit, stance=reader,
+                n_boot=spec.n_boot)
+
+
+def _build_pairs(spec: ExperimentSpec, out: Path, plan: CellPlan, *, reader: str, base_chat) -> None:
+    """The cell's preference pairs, from its (source) context and the base model: on the driver, once per context and
+    seed (a cache under OUT/contexts), so every executor's cells read the same files."""
     from dpolab.contexts import build_context
     from dpolab.contexts.placebo import build_placebo, parse_placebo
-    from dpolab.experiment.pool import pool_run
-    from dpolab.models.backends import chat_model
+
+    placebo = parse_placebo(plan.context)
+    source = plan.context if placebo is None else placebo[1]
+    plan.options = {**({"stance": reader} if _takes_stance(source) else {}), **spec.contexts[source].options}
+    # the spec's options are final: --quick sizes were applied when it was loaded
+    data_path = build_context(source, base_chat(), options=plan.options, seed=plan.seed, cache_dir=out / "contexts",
+                              model_id=spec.model)
+    if placebo is not None:  # the source's own pairs, turned into its control
+        data_path = build_placebo(placebo[0], data_path, base_chat(), seed=plan.seed, cache_dir=out / "contexts",
+                                  model_id=spec.model)
+    plan.data_path = data_path
+
+
+def _run_cell(spec: ExperimentSpec, out: Path, plan: CellPlan, *, reader: str, base_chat, phases: "_Phases",
+              on_phase=lambda text: None, tracking=None) -> None:
+    """Tune (train, edit or a registered kind), evaluate, explain and compare one cell whose pairs are built, and write
+    its rows.json and cell.json (the latter last: it marks the cell done). The same in every executor.
+
+    tracking: the experiment's ExperimentTracking (dpolab.tracking) or None; the cell gets a run nested under it."""
+    context, method, seed, name = plan.context, plan.method, plan.seed, plan.name
+    cell_dir = out / "cells" / name
+    # a cell cut short starts over, but a method kind's own folder (its finished rounds, stages, samples,
+    # checkpoints) is kept: the kind resumes from it
+    kind = spec.method_kind(method)
+    keep = kind if kind in METHOD_KINDS else None
+    for part in cell_dir.iterdir() if cell_dir.exists() else ():
+        if part.name != keep:
+            shutil.rmtree(part) if part.is_dir() else part.unlink()
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    cell_run = None if tracking is None else tracking.cell(name, {"context": context, "method": method, "seed": seed,
+                                                                  "kind": kind, "data": str(plan.data_path)})
+    with cell_run or contextlib.nullcontext():
+        _tune_eval_compare(spec, out, plan, kind, reader=reader, base_chat=base_chat, phases=phases,
+                           on_phase=on_phase, cell_run=cell_run)
+
+
+def _tune_eval_compare(spec: ExperimentSpec, out: Path, plan: CellPlan, kind: str, *, reader: str, base_chat,
+                       phases: "_Phases", on_phase, cell_run) -> None:
+    """_run_cell's work, inside the cell's tracking run (cell_run, or None)."""
+    from dpolab.contexts.placebo import parse_placebo
     from dpolab.models.load import load_model
     from dpolab.probes.run import run_eval
     from dpolab.training.loop import train
 
+    context, method, seed, name = plan.context, plan.method, plan.seed, plan.name
+    cell_dir = out / "cells" / name
+    source = plan.context if parse_placebo(context) is None else parse_placebo(context)[1]
+    on_phase(f"{name}: {kind}")
+    with phases(f"{name}: {kind}"):
+        if kind == "train":
+            cfg = spec.train_config(context, method, data=str(plan.data_path), out=str(cell_dir / "train"), seed=seed)
+            if cell_run is not None:
+                cell_run.log_params({"train": cfg.model_dump(mode="json")})
+            trained = train(cfg, tracking=cell_run)
+            tuned, steps, extra = trained.model, trained.steps, {}
+            del trained
+        elif kind != "edit":  # a registered kind (dpolab.methods) runs the cell's tuning itself
+            result = _kind_cell(spec, kind, context, method, source, plan.options, plan.data_path, cell_dir, seed=seed,
+                                base=base_chat(), say=phases.say)
+            tuned, steps, extra = result.model, result.steps, {kind: result.info}
+            del result
+        else:  # the base model's weights edited from the pairs: nothing is trained
+            edited = _edit_cell(spec.model, spec.methods[method], plan.data_path, cell_dir / "edit", seed=seed)
+            tuned, steps, extra = edited.model, 0, {"edit": edited.report.summary()}
+    on_phase(f"{name}: eval")
+    with phases(f"{name}: eval"):
+        loaded = load_model(spec.model)  # tokenizer and identity of the base; weights replaced below
+        loaded.model = tuned.eval()
+        loaded.name = f"{spec.model} + {context}/{method}/s{seed}"
+        summary = run_eval(_engine(spec, loaded, phases.say), out=cell_dir / "eval", seed=0, **_probe_kw(spec, reader))
+        if spec.inspect_log:
+            from dpolab.probes.inspect_log import write_inspect_log
+
+            write_inspect_log(cell_dir / "eval", cell_dir / "inspect")
+    behaviours = spec.contexts[context].explain if parse_placebo(context) is None else {}
+    for behaviour, explain_keys in behaviours.items():
+        with phases(f"{name}: explain {behaviour}"):
+            _explain_cell(spec, loaded, behaviour, explain_keys, cell_dir / "explain" / behaviour, say=phases.say)
+    baseline = EvalSummary.read(out / "baseline" / "summary.json")
+    rows = compare(baseline, summary, per_item_values(out / "baseline"), per_item_values(cell_dir / "eval"),
+                   context=context, method=method, seed=seed, n_boot=spec.n_boot)
+    atomic_write_json(cell_dir / "rows.json", [r.record() for r in rows])
+    atomic_write_json(cell_dir / "cell.json", {"context": context, "method": method, "seed": seed,
+                                               "data": str(plan.data_path), "train_steps": steps, "rows": len(rows),
+                                               **extra})
+    if cell_run is not None:
+        cell_run.log_rows(rows)
+        cell_run.log_artifacts([cell_dir / "rows.json", cell_dir / "cell.json", cell_dir / "eval" / "summary.json",
+                                cell_dir / "train" / "metrics.jsonl", cell_dir / "train" / "config.yaml"])
+
+
+def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = False, quick: bool = False, progress: bool = True,
+                   stop_after_cells: int | None = None, executor: str = "local", address: str | None = None) -> RunReport:
+    """Run the grid of `spec` into `out`; see the module docstring. Returns the rows of results.parquet.
+
+    executor: "local" runs the cells one after another in this process; "ray" runs each cell as a Ray task
+        (dpolab.experiment.ray_executor) once this process has run the baseline and built its pairs.
+    address: the Ray cluster to join (`ray start --head` prints it); None starts a local one, or uses the one this
+        process has already initialised.
+    stop_after_cells: end after this many cells have been run in this call (used to test resuming).
+    """
     import torch
 
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise ConfigError("--address names a Ray cluster: it needs --executor ray")
     out = Path(out)
-    console = Console(stderr=True)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     marker = out / "experiment.json"
@@ -203,7 +341,26 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     atomic_write_json(marker, {"spec_fingerprint": fingerprint, "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     atomic_write_text(out / "spec.resolved.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     atomic_write_json(out / "environment.json", environment())
+    tracking = None
+    if spec.report_to:
+        from dpolab.tracking import open_experiment
 
+        tracking = open_experiment(spec.report_to, out, name=out.resolve().name,
+                                   params=spec.model_dump(mode="json", exclude={"quick", "presets"}),
+                                   tracking_uri=spec.tracking_uri)
+    with tracking or contextlib.nullcontext():
+        return _run_grid(spec, out, tracking, quick=quick, progress=progress, stop_after_cells=stop_after_cells,
+                         executor=executor, address=address)
+
+
+def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progress: bool, stop_after_cells: int | None,
+              executor: str, address: str | None) -> RunReport:
+    from rich.console import Console
+
+    from dpolab.experiment.pool import pool_run
+    from dpolab.probes.run import run_eval
+
+    console = Console(stderr=True)
     report = RunReport(out=out, rows=[])
     cells = spec.cells()
     done = [c for c in cells if (out / "cells" / cell_name(*c) / "cell.json").exists()]
@@ -212,106 +369,64 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     report.skipped = [cell_name(*c) for c in done]
     if done:
         phases.say(f"resuming: {len(done)} of {len(cells)} cells already finished")
-    probe_kw = dict(probes=spec.probes.names, sizes=spec.probes.sizes, limit=spec.probes.limit, stance=spec.probes.stance,
-                    n_boot=spec.n_boot)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[phase]}"), console=console, disable=not progress or phases.lines is not None)
     t_start = time.perf_counter()
-    with bar:
-        task = bar.add_task("cells", total=len(cells), completed=len(done), phase="baseline")
-        base_dir = out / "baseline"
-        base_model = None
+    cluster = None
+    if executor == "ray" and todo:
+        from dpolab.experiment.ray_executor import RayCells
 
-        def engine(loaded):
-            return chat_model(loaded, backend=spec.backend, batch_size=spec.probes.batch_size, int8=spec.int8,
-                              echo=phases.say)
+        cluster = RayCells(spec, out, address=address, phases=phases, tracking=tracking)
+    try:
+        with bar:
+            task = bar.add_task("cells", total=len(cells), completed=len(done), phase="baseline")
+            base_dir = out / "baseline"
+            base_chat = _lazy_base(spec, phases.say)
+            if not (base_dir / "DONE").exists():
+                with phases("baseline eval"):
+                    shutil.rmtree(base_dir, ignore_errors=True)
+                    run_eval(base_chat(), out=base_dir, seed=0, **_probe_kw(spec, spec.probes.stance))
+                    (base_dir / "DONE").write_text("")
+            if spec.inspect_log:  # outside: turning it on for a resumed run still writes the baseline's logs
+                from dpolab.probes.inspect_log import write_inspect_log
 
-        def base_chat():
-            nonlocal base_model
-            if base_model is None:
-                base_model = engine(load_model(spec.model))
-            return base_model
+                write_inspect_log(base_dir, base_dir / "inspect")
+            # One stance reader for everything: the baseline's calibrated choice is used by the contexts' pairs and by
+            # every later eval, so a trained model can't switch readers and make its numbers incomparable.
+            reader = EvalSummary.read(base_dir / "summary.json").stance_reader() or spec.probes.stance
 
-        if not (base_dir / "DONE").exists():
-            with phases("baseline eval"):
-                shutil.rmtree(base_dir, ignore_errors=True)
-                run_eval(base_chat(), out=base_dir, seed=0, **probe_kw)
-                (base_dir / "DONE").write_text("")
-        baseline = EvalSummary.read(base_dir / "summary.json")
-        baseline_items = per_item_values(base_dir)
-        # One stance reader for everything: the baseline's calibrated choice is used by the contexts' pairs and by
-        # every later eval, so a trained model can't switch readers and make its numbers incomparable.
-        reader = baseline.stance_reader() or spec.probes.stance
-        probe_kw["stance"] = reader
-
-        ran = 0
-        for context, method, seed in cells:
-            name = cell_name(context, method, seed)
-            cell_dir = out / "cells" / name
-            if (cell_dir / "cell.json").exists():
-                continue
-            if stop_after_cells is not None and ran >= stop_after_cells:
-                break
-            # a cell cut short starts over, but a method kind's own folder (its finished rounds, stages, samples,
-            # checkpoints) is kept: the kind resumes from it
-            kind = spec.method_kind(method)
-            keep = kind if kind in METHOD_KINDS else None
-            for part in cell_dir.iterdir() if cell_dir.exists() else ():
-                if part.name != keep:
-                    shutil.rmtree(part) if part.is_dir() else part.unlink()
-            cell_dir.mkdir(parents=True, exist_ok=True)
-            # numbered in the whole grid, so a resumed run's log goes on from where the last one stopped
-            number = f"cell {len(done) + ran + 1}/{len(cells)}"
-            phases.start_cell(number, name)
-            bar.update(task, phase=f"{name}: pairs")
-            with phases(f"{name}: pairs"):
-                placebo = parse_placebo(context)
-                source = context if placebo is None else placebo[1]
-                ctx_spec = spec.contexts[source]
-                options = {**({"stance": reader} if _takes_stance(source) else {}), **ctx_spec.options}
-                # the spec's options are final: --quick sizes were applied when it was loaded
-                data_path = build_context(source, base_chat(), options=options, seed=seed,
-                                          cache_dir=out / "contexts", model_id=spec.model)
-                if placebo is not None:  # the source's own pairs, turned into its control
-                    data_path = build_placebo(placebo[0], data_path, base_chat(), seed=seed,
-                                              cache_dir=out / "contexts", model_id=spec.model)
-            bar.update(task, phase=f"{name}: {kind}")
-            with phases(f"{name}: {kind}"):
-                if kind == "train":
-                    cfg = spec.train_config(context, method, data=str(data_path), out=str(cell_dir / "train"), seed=seed)
-                    trained = train(cfg)
-                    tuned, steps, extra = trained.model, trained.steps, {}
-                    del trained
-                elif kind != "edit":  # a registered kind (dpolab.methods) runs the cell's tuning itself
-                    result = _kind_cell(spec, kind, context, method, source, options, data_path, cell_dir, seed=seed,
-                                        base=base_chat(), say=phases.say)
-                    tuned, steps, extra = result.model, result.steps, {kind: result.info}
-                    del result
-                else:  # the base model's weights edited from the pairs: nothing is trained
-                    edited = _edit_cell(spec.model, spec.methods[method], data_path, cell_dir / "edit", seed=seed)
-                    tuned, steps, extra = edited.model, 0, {"edit": edited.report.summary()}
-            bar.update(task, phase=f"{name}: eval")
-            with phases(f"{name}: eval"):
-                loaded = load_model(spec.model)  # tokenizer and identity of the base; weights replaced below
-                loaded.model = tuned.eval()
-                loaded.name = f"{spec.model} + {context}/{method}/s{seed}"
-                summary = run_eval(engine(loaded), out=cell_dir / "eval", seed=0, **probe_kw)
-            behaviours = spec.contexts[context].explain if parse_placebo(context) is None else {}
-            for behaviour, explain_keys in behaviours.items():
-                with phases(f"{name}: explain {behaviour}"):
-                    _explain_cell(spec, loaded, behaviour, explain_keys, cell_dir / "explain" / behaviour, say=phases.say)
-            rows = compare(baseline, summary, baseline_items, per_item_values(cell_dir / "eval"), context=context,
-                           method=method, seed=seed, n_boot=spec.n_boot)
-            atomic_write_json(cell_dir / "rows.json", [r.record() for r in rows])
-            atomic_write_json(cell_dir / "cell.json", {"context": context, "method": method, "seed": seed, "data": str(data_path),
-                                                 "train_steps": steps, "rows": len(rows), **extra})
-            ran += 1
-            phases.end_cell(number, name)
-            bar.advance(task)
-            del tuned, loaded
+            ran = 0
+            for context, method, seed in cells:
+                name = cell_name(context, method, seed)
+                if (out / "cells" / name / "cell.json").exists():
+                    continue
+                if stop_after_cells is not None and ran >= stop_after_cells:
+                    break
+                # numbered in the whole grid, so a resumed run's log goes on from where the last one stopped
+                plan = CellPlan(context=context, method=method, seed=seed, number=f"cell {len(done) + ran + 1}/{len(cells)}")
+                ran += 1
+                if cluster is None:
+                    phases.start_cell(plan.number, name)
+                bar.update(task, phase=f"{name}: pairs")
+                with phases(f"{name}: pairs"):
+                    _build_pairs(spec, out, plan, reader=reader, base_chat=base_chat)
+                if cluster is None:
+                    _run_cell(spec, out, plan, reader=reader, base_chat=base_chat, phases=phases,
+                              on_phase=lambda text: bar.update(task, phase=text), tracking=tracking)
+                    phases.end_cell(plan.number, name)
+                    bar.advance(task)
+                else:  # the cell runs on the cluster while this process builds the next cell's pairs
+                    cluster.submit(plan, reader=reader)
+            if cluster is not None:
+                base_chat.cache_clear()  # the driver's copy of the base is not needed while the last cells run
+                bar.update(task, phase="cells on Ray")
+                cluster.wait_all(on_done=lambda: bar.advance(task))
+    finally:
+        if cluster is not None:
+            cluster.close()
 
     seed_rows: list[ResultRow] = []
     for context, method, seed in cells:
@@ -324,11 +439,15 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
         write_results(report.rows, out / "results.parquet")
     total = time.perf_counter() - t_start
     report.phases = list(phases.times)
-    atomic_write_json(out / "timings.json", {"phases": report.phases, "total_s": total})
+    atomic_write_json(out / "timings.json", {"phases": report.phases, "total_s": total, "executor": executor})
     from dpolab.report import write_report
 
     with phases("report"):  # timed for the log only: the report and timings.json cannot hold their own writing
         write_report(out, phases=report.phases)
+    if tracking is not None:
+        tracking.finish(artifacts=[out / "report.html", out / "results.parquet", out / "results.csv",
+                                   out / "results_by_seed.parquet", out / "spec.resolved.yaml", out / "timings.json"],
+                        rows=report.rows)
     budget = spec.budgets.quick_minutes if quick else spec.budgets.total_minutes
     console.print(f"wall time {total / 60:.1f} min (budget {budget:g} min) -> {out / 'report.html'}")
     return report

@@ -14,11 +14,15 @@ from dpolab.edits import DEFAULT_K, EDITS, parse_layers
 from dpolab.errors import ConfigError
 from dpolab.models.backends import BACKEND_CHOICES
 from dpolab.probes import default_probes
+from dpolab.tracking import TrackerNames
 
 SELF_SFT_METHOD = "sft"  # the method a self-sft placebo cell trains with
 
 # Keys of TrainConfig that the runner sets for each cell; a spec can't set them.
 RUNNER_KEYS = {"model", "data", "out", "seed", "progress"}
+# Where a run is also recorded (dpolab.tracking): top-level spec keys for the whole run, never a cell's train keys,
+# and not part of what the run computes (its fingerprint).
+TRACKING_KEYS = {"report_to", "tracking_uri"}
 
 
 class MethodSpec(StrictModel):
@@ -29,7 +33,8 @@ class MethodSpec(StrictModel):
 
     kind: str = Field("train", description="train: a loss trains the model on the pairs; edit: the weights are "
                       "edited from the pairs (dpolab.edits); or a kind in dpolab.methods.METHOD_KINDS")
-    loss: str = "dpo"
+    loss: str | list[str] = Field("dpo", description="a loss name, or a list trained as a weighted sum (its "
+                                  "loss_weights among the train keys)")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig keys for this method")
     edit: str | None = Field(None, description="kind edit: the edit's name in dpolab.edits.EDITS")
     layers: list[int] | str | None = Field(None, description="kind edit: the layers edited, a list or a string "
@@ -157,6 +162,14 @@ class Budgets(StrictModel):
     quick_minutes: float = 5.0
 
 
+class Resources(StrictModel):
+    """What each cell asks of a Ray cluster (`dpolab run --executor ray`); the local executor ignores it."""
+
+    cpus: float = Field(1.0, gt=0, description="CPUs per cell task; its torch threads (unless `threads` is set)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per cell task (fractions share a GPU)")
+    retries: int = Field(1, ge=0, description="times Ray reruns a cell whose worker died (not one that raised)")
+
+
 class ExperimentSpec(StrictModel):
     model: str = DEFAULT_MODEL
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -173,6 +186,14 @@ class ExperimentSpec(StrictModel):
                          + ", ".join(BACKEND_CHOICES))
     int8: bool = Field(False, description="ctranslate2 with 8-bit weights (not the trained model; marked in results)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole run; default torch's choice")
+    resources: Resources = Field(default_factory=Resources, description="each cell's request under --executor ray")
+    report_to: TrackerNames = Field(default_factory=list, description="trackers that also record the run, a parent run "
+                                 "with one nested run per cell: mlflow, tensorboard (dpolab.tracking.TRACKERS)")
+    tracking_uri: str | None = Field(None, description="MLflow's store; default: $MLFLOW_TRACKING_URI, else a file "
+                                     "store in OUT/mlruns")
+    inspect_log: bool = Field(False, description="also write each eval (baseline and cells) as Inspect logs in its "
+                              "folder's inspect/ (dpolab.probes.inspect_log); changes no result")
+
 
     @field_validator("contexts")
     @classmethod
@@ -251,6 +272,10 @@ class ExperimentSpec(StrictModel):
             if spec.kind == "edit":
                 raise ValueError(f"{context}/{method} is an edit method ({spec.edit}); it has no training config")
         keys = {**self.train, **self.contexts[context].train, **spec.train}
+        tracking = TRACKING_KEYS & set(keys)
+        if tracking:
+            raise ValueError(f"{context}/{method}: {', '.join(sorted(tracking))} apply to the whole run; set them at the "
+                             "top of the spec, not in train keys")
         clash = RUNNER_KEYS & set(keys)
         if clash:
             raise ValueError(f"{context}/{method}: the runner sets {', '.join(sorted(clash))}; remove it from the spec")
@@ -277,9 +302,11 @@ class ExperimentSpec(StrictModel):
 
     def fingerprint(self) -> str:
         """What the run computes (the resolved spec, its probe names included) without the blocks that only choose
-        sizes (`quick`, `presets`, already applied) or state expectations (`budgets`): a run resumes after another
-        preset is retuned."""
-        keep = self.model_dump(mode="json", exclude={"quick", "presets", "budgets"})
+        sizes (`quick`, `presets`, already applied), state expectations (`budgets`) or say where cells run
+        (`resources`) or where it is also recorded (`report_to`, `tracking_uri`, `inspect_log`): a run resumes after another preset
+        is retuned, under either executor, with or without trackers."""
+        keep = self.model_dump(mode="json", exclude={"quick", "presets", "budgets", "resources", "inspect_log",
+                                                     *TRACKING_KEYS})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

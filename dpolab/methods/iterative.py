@@ -419,6 +419,7 @@ def run(job: CellJob) -> Tuned:
     series = [rec.sampled for rec in records] + ([final_stats] if final_stats else [])
     info = {
         "judge": s.judge_name, "judge_args": s.judge_args, "loss": job.config.loss, "beta": job.config.beta,
+        **({"loss_weights": job.config.loss_weights} if job.config.loss_weights is not None else {}),  # a list of losses
         "loss_args": dict(job.config.loss_args), "k": s.k, "max_new_tokens": s.max_new_tokens,
         "temperature": s.temperature, "prompts": len(s.prompts),
         "rounds": [rec.record() for rec in records],

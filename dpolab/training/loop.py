@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -19,6 +19,9 @@ from dpolab.training.checkpoint import list_checkpoints, load_checkpoint, save_c
 from dpolab.training.logps import PairBatch, PairForward, collate_pairs, stack_batches
 from dpolab.models.load import weights_fingerprint
 from dpolab.training.reference import Reference, ReferenceCache, cache_key, compute_dataset_logps
+
+if TYPE_CHECKING:
+    from dpolab.tracking import CellTracking
 
 METRIC_KEYS = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s", "pairs_per_s")
@@ -144,9 +147,12 @@ def micro_batches(pairs, indices: list[int], *, max_pairs: int, max_tokens: int 
     return chunks
 
 
-def batch_loss(forward, reference: Reference, batch: PairBatch, *, policy, loss: str, sft_weight: float = 0.0,
+def batch_loss(forward, reference: Reference, batch: PairBatch, *, policy, loss: str | list[str], sft_weight: float = 0.0,
                loss_kwargs: dict | None = None, consistency_weight: float = 0.0):
     """Policy log-probs (b, 2) [chosen, rejected] and the per-pair LossOutput of one micro-batch.
+
+    loss: a loss name, or a list of them; loss_kwargs as loss_arguments(cfg) builds them (for a list, the weights
+    and one mapping of options per loss name).
 
     consistency_weight: λ of the counterfactual-consistency term (dpolab.losses.consistency), added to the loss of
     each pair that has a nullified prompt; its log-probs come from the same forward pass as the real ones."""
@@ -172,9 +178,16 @@ def batch_loss(forward, reference: Reference, batch: PairBatch, *, policy, loss:
 
 def loss_arguments(cfg: TrainConfig) -> dict[str, Any]:
     """The options passed to the loss: only those it declares (beta lives at the top of the config because most
-    losses take it; a loss without one is never handed one)."""
+    losses take it; a loss without one is never handed one). For a list of losses: {"weights": [...], name:
+    {beta if it declares one, **loss_args[name]}, ...}, as dpolab.losses.compute_loss takes them."""
     from dpolab.losses import loss_options
 
+    if isinstance(cfg.loss, list):
+        per_loss = {}
+        for name in cfg.loss:
+            top = {"beta": cfg.beta} if "beta" in loss_options(name) and cfg.beta is not None else {}
+            per_loss[name] = {**top, **cfg.loss_args.get(name, {})}
+        return {"weights": cfg.loss_weights, **per_loss}
     declared = loss_options(cfg.loss)
     top = {"beta": cfg.beta} if "beta" in declared and cfg.beta is not None else {}
     return {**top, **cfg.loss_args}
@@ -433,18 +446,51 @@ def _log_step(run: Run, files, step: int, record: StepRecord, metrics: dict[str,
 
 
 def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: str | Path | None = None,
-          on_step: Callable[[int, dict], None] | None = None, **overrides: Any) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None, tracking: CellTracking | None = None,
+          **overrides: Any) -> TrainResult:
     """Train a DPO-family method. Python twin of `dpolab train`.
 
     config: a TrainConfig, a dict, or a YAML path; overrides are config keys (model=..., data=..., loss=...).
     resume: an OUT folder of an earlier run; continues from its newest checkpoint with its saved config.
     on_step: called as on_step(step, metrics) after every optimizer step, on every process.
+    tracking: a run of dpolab.tracking (an experiment's cell) that takes each step's metrics, as metrics.jsonl has
+        them; the caller ends it. Unset, a config with report_to opens a run of its own (main process only), ended
+        with the training: FINISHED, or FAILED / KILLED when it stops.
     """
+    cfg = _resolve_run_config(config, resume, overrides)
+    with _tracking(cfg, resume=resume is not None, given=tracking) as tracking:
+        result = _train(cfg, resume=resume, on_step=on_step, tracking=tracking)
+        if tracking is not None and cfg.save_model and _is_main_process():
+            tracking.set_tags({"dpolab.model": str(Path(cfg.out).resolve() / "model")})
+    return result
+
+
+def _is_main_process() -> bool:
+    """Before accelerate is set up: the launcher's RANK (accelerate launch, torchrun), 0 when run alone."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _tracking(cfg: TrainConfig, *, resume: bool, given: CellTracking | None):
+    """The run that takes the metrics: the one given (not ended here), the training's own when report_to asks for
+    one (a context manager that ends it), or none."""
+    if given is not None or not cfg.report_to or not _is_main_process():
+        return contextlib.nullcontext(given)
+    from dpolab.tracking import open_training
+
+    return open_training(cfg.report_to, cfg.out, params=cfg.model_dump(mode="json"), tracking_uri=cfg.tracking_uri,
+                         resume=resume)
+
+
+def _train(cfg: TrainConfig, *, resume: str | Path | None, on_step: Callable[[int, dict], None] | None,
+           tracking: CellTracking | None) -> TrainResult:
+    """train() once its config is resolved and its tracking open."""
+    from dpolab.losses import describe_loss
     from dpolab.models.adapt import count_parameters, prepare_for_training
     from dpolab.runtime import tune_allocator
 
     tune_allocator()
-    cfg = _resolve_run_config(config, resume, overrides)
     run = _set_up(cfg)
     out, accelerator, n = run.out, run.accelerator, len(run.data.pairs)
     reference, reference_reused = _reference(run)
@@ -452,7 +498,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
     model = prepare_for_training(run.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, freeze_layers=cfg.freeze_layers)
     trainable, total_params = count_parameters(model)
-    run.console.print(f"{cfg.model}: training {trainable:,} of {total_params:,} parameters; loss {cfg.loss}; "
+    run.console.print(f"{cfg.model}: training {trainable:,} of {total_params:,} parameters; loss {describe_loss(cfg.loss, cfg.loss_weights)}; "
                       f"reference {run.reference_kind}; {n} pairs; {accelerator.num_processes} process(es) on {accelerator.device}")
     params, optimizer, scheduler, total_steps = _optimizer(run, model)
 
@@ -499,6 +545,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, /, *, resume: s
                 result.metrics.append(metrics)
                 result.steps = step + 1
                 bar.update(task, advance=1, info=f"loss {metrics['loss']:.4f} margin {metrics['rewards/margins']:+.3f}")
+                if tracking is not None and run.is_main:
+                    tracking.log_step(step + 1, metrics)
                 if on_step is not None:
                     on_step(step + 1, metrics)
                 if (step + 1) % cfg.save_every == 0 or (step + 1 == total_steps and cfg.final_checkpoint):
