@@ -247,6 +247,16 @@ def compare(
     compare_runs(dir_a, dir_b, show_all=all_rows)
 
 
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="a finished run folder (what `dpolab run` wrote)"),
+) -> None:
+    """Rebuild RUN/report.html from the run's files with this version's report: after an upgrade, no rerun."""
+    from dpolab.report.write import rebuild_report
+
+    typer.echo(f"wrote {rebuild_report(run)}")
+
+
 def _probe_help() -> str:
     from dpolab.probes import PROBES
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from dpolab.report import render_report, write_report
+from dpolab.report.views import RUN_FILES
 from tests.browser import ENV as BROWSER_ENV
 from tests.browser import NAMES as BROWSER_NAMES
 from tests.browser import find_chromium, require_chromium
@@ -284,11 +285,13 @@ def test_report_is_self_contained(report):
     html = report.read_text(encoding="utf-8")
     tags = _parse(html)
     names = [t for t, _ in tags.tags]
-    assert "script" not in names and "link" not in names and "iframe" not in names and "object" not in names
+    assert "link" not in names and "iframe" not in names and "object" not in names
+    assert [a for t, a in tags.tags if t == "script"] == [{}]  # the report's own inline script (report.js), no src
     for tag, attrs in tags.tags:
         for key in ("src", "href", "srcset", "poster", "action", "data", "xlink:href"):
-            if key in attrs:
-                assert attrs[key].startswith(("#", "data:")), f"<{tag} {key}={attrs[key][:80]!r}> is not inline"
+            if key in attrs:  # inline, or a link to the run's own files beside report.html (not loaded with the page)
+                inline = attrs[key].startswith(("#", "data:")) or (tag == "a" and attrs[key] in RUN_FILES)
+                assert inline, f"<{tag} {key}={attrs[key][:80]!r}> is not inline"
     assert not re.search(r"@import|url\(\s*['\"]?\s*(https?:)?//", html, re.I)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
     images = [a["src"] for t, a in tags.tags if t == "img"]
@@ -562,7 +565,7 @@ def test_console_check_catches_a_deliberate_error(chromium, tmp_path):
 def test_report_loads_cleanly_in_chromium(chromium, report, tmp_path):
     problems, found = load_page(chromium, report, tmp_path / "profile", CHECKS)
     assert problems == []
-    assert found["scripts"] == 0 and found["bold"] == 0
+    assert found["scripts"] == 1 and found["bold"] == 0  # the report's own script, and no markup from model text
     assert len(found["widths"]) == 4 and all(w > 300 for w in found["widths"])  # every figure decoded
     assert "<script>alert(1)</script> <b>bold</b>" in found["text"]  # shown as text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in found["dom"] and "<script>alert" not in found["dom"]

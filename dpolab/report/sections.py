@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dpolab.numbers import ci, num
 from dpolab.registry import Registry
 from dpolab.report import views
 from dpolab.report.load import Experiment
@@ -73,13 +74,13 @@ def generic(exp: Experiment, probe: str) -> dict[str, Any]:
             got = m.metric(probe, metric)
             if got is None:
                 continue
-            row = {"label": exp.label(m), "colour": palette[m.name], "value": views.num(got.value),
-                   "ci": views.ci(got.ci_low, got.ci_high), "n": got.n,
+            row = {"label": exp.label(m), "colour": palette[m.name], "value": num(got.value),
+                   "ci": ci(got.ci_low, got.ci_high), "n": got.n,
                    "delta": "", "delta_ci": "", "verdict": "", "cls": ""}
             r = exp.row(m.key, probe, metric) if m.key is not None else None
             if r:
-                row.update(delta=views.num(r.delta, signed=True),
-                           delta_ci=views.ci(r.delta_ci_low, r.delta_ci_high, signed=True),
+                row.update(delta=num(r.delta, signed=True),
+                           delta_ci=ci(r.delta_ci_low, r.delta_ci_high, signed=True),
                            verdict=r.verdict, cls=views.VERDICT_CLASS.get(r.verdict, "none"))
             rows.append(row)
         first = next(got for m in exp.models if (got := m.metric(probe, metric)) is not None)

@@ -1,7 +1,7 @@
 """What each section of the report shows, as plain dicts of display strings (the template only lays them out).
 
-Numbers are formatted here; text from files (model replies, prompts, the spec) passes through untouched and is
-escaped by the template's autoescape.
+Numbers are formatted here, every one by dpolab.numbers (three significant digits, "−" for negatives); text from
+files (model replies, prompts, the spec) passes through untouched and is escaped by the template's autoescape.
 """
 from __future__ import annotations
 
@@ -13,36 +13,13 @@ from typing import Any
 
 from dpolab import scorers
 from dpolab.experiment.summary import DUETPD_PAPER, against_placebo, behaviours, headlines, last_turn, seed_findings
+from dpolab.numbers import ci, is_missing, num, percent
 from dpolab.report import plots
 from dpolab.report.load import Experiment, Model
 from dpolab.stats import Verdict
 
 VERDICT_CLASS = {Verdict.IMPROVED: "imp", Verdict.HARMED: "harm", Verdict.UNCLEAR: "none"}
 LETTERS = "ABCDEFGHIJ"
-
-
-def is_missing(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def num(x: Any, *, signed: bool = False) -> str:
-    """3 decimals below 10, 1 below 100, none above: deltas of rates and of token counts both read well."""
-    if is_missing(x):
-        return "—"
-    x = float(x)
-    a = abs(x)
-    digits = 0 if a >= 100 else 1 if a >= 10 else 3
-    return f"{x:{'+' if signed else ''}.{digits}f}"
-
-
-def secs(x: Any) -> str:
-    return "—" if is_missing(x) else f"{float(x):.0f}" if abs(float(x)) >= 100 else f"{float(x):.1f}"
-
-
-def ci(lo: Any, hi: Any, *, signed: bool = False) -> str:
-    if is_missing(lo) and is_missing(hi):
-        return ""
-    return f"[{num(lo, signed=signed)}, {num(hi, signed=signed)}]"
 
 
 def colours(exp: Experiment) -> dict[str, str]:
@@ -83,15 +60,16 @@ def duetpd_table(exp: Experiment) -> list[dict[str, str]]:
     """DuET-PD's own Llama-3.1-8B rows (labelled as the paper's) beside this run's baseline and its resist-only and
     holistic cells, NEG-Acc@3 and POS-Flip@3 in %."""
     neg, pos = (last_turn(exp.rows or exp.seed_rows, "persuasion", m) for m in ("neg_acc@3", "pos_flip@3"))
-    out = [{"who": r["model"], "source": "paper", "neg": f"{r['neg_acc@3']:.2f}", "pos": f"{r['pos_flip@3']:.2f}"}
+    out = [{"who": r["model"], "source": "paper", "neg": num(r["neg_acc@3"]), "pos": num(r["pos_flip@3"])}
            for r in DUETPD_PAPER]
     if exp.baseline.metric("persuasion", neg) is None:
         return []
 
     def pct(x: float | None, lo: float | None = None, hi: float | None = None) -> str:
         if is_missing(x):
-            return "—"
-        return f"{100 * x:.2f}" + ("" if is_missing(lo) else f" [{100 * lo:.1f}, {100 * hi:.1f}]")
+            return num(x)
+        scaled = [None if is_missing(v) else 100 * v for v in (lo, hi)]
+        return f"{num(100 * x)} {ci(*scaled)}".rstrip()
 
     b_neg, b_pos = exp.baseline.metric("persuasion", neg), exp.baseline.metric("persuasion", pos)
     out.append({"who": f"{exp.model_name} (baseline)", "source": "this run",
@@ -205,7 +183,7 @@ def limitations(exp: Experiment) -> list[str]:
                    "the paper's NEG-Acc@3 and POS-Flip@3 average over all 7.")
     cut = exp.baseline.metric("verbosity", "frac_hit_limit")
     if cut is not None and not is_missing(cut.value) and cut.value > 0.05:
-        out.append(f"{100 * cut.value:.0f}% of the baseline's verbosity replies reached the token limit: reply lengths are "
+        out.append(f"{percent(cut.value)} of the baseline's verbosity replies reached the token limit: reply lengths are "
                    "censored, and a lengthening shows less than it is.")
     model = exp.model_name
     out.append(f"One model ({model}); the seed research used models up to 8B parameters, and the same training can move "
@@ -505,7 +483,23 @@ def reply_examples(exp: Experiment, probe: str, *, prompt_field: str, value_fiel
 
 # -- rows, timings, spec -----------------------------------------------------------------------------------------
 
+# The run's own files the "All rows" section links to, relative to report.html (written beside them by
+# dpolab.experiment.results.write_results).
+RUN_FILES = ("results.csv", "results.parquet")
+FILTERED = ("context", "method", "probe", "verdict")  # the rows table's columns with a drop-down filter
+
+
+def _sort_value(x: Any) -> str:
+    """A number as the rows table's script sorts it (the cell's data-v): exact, as JavaScript's Number() reads it;
+    "" when missing (sorted last either way)."""
+    if is_missing(x):
+        return ""
+    x = float(x)
+    return ("Infinity" if x > 0 else "-Infinity") if math.isinf(x) else repr(x)
+
+
 def all_rows(exp: Experiment) -> list[dict[str, Any]]:
+    """Every row of results.parquet: display strings, and in `v` the numbers the table sorts by."""
     out = []
     for r in exp.rows:
         out.append({"context": r.context, "method": r.method, "seed": "all" if r.seed is None else r.seed, "probe": r.probe,
@@ -518,8 +512,21 @@ def all_rows(exp: Experiment) -> list[dict[str, Any]]:
                     "delta": num(r.delta, signed=True),
                     "delta_ci": ci(r.delta_ci_low, r.delta_ci_high, signed=True),
                     "better": "↑" if r.higher_is_better else "↓", "verdict": r.verdict,
-                    "cls": VERDICT_CLASS.get(r.verdict, "none")})
+                    "cls": VERDICT_CLASS.get(r.verdict, "none"),
+                    "v": {k: _sort_value(x) for k, x in (("seed", r.seed), ("baseline", r.baseline), ("value", r.value),
+                                                         ("n", r.n), ("delta", r.delta), ("q", r.q_value),
+                                                         ("mde", r.mde), ("vs_placebo", r.delta_vs_placebo))}})
     return out
+
+
+def row_filters(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows table's drop-down filters: each FILTERED column with its distinct values, in the order they come."""
+    return [{"key": key, "options": list(dict.fromkeys(str(r[key]) for r in rows))} for key in FILTERED]
+
+
+def run_files(exp: Experiment) -> list[str]:
+    """The RUN_FILES present in the run folder, for links beside the rows table."""
+    return [name for name in RUN_FILES if (exp.out / name).is_file()]
 
 
 def verdict_counts(exp: Experiment) -> dict[str, int]:
@@ -533,16 +540,29 @@ def verdict_counts(exp: Experiment) -> dict[str, int]:
     return counts
 
 
-def timings(exp: Experiment, phases: Sequence[tuple[str, float]] | None) -> dict[str, Any]:
-    """The runner's phases (given, or from timings.json) with bars, and each model's eval time per probe."""
-    t = exp.timings or {}
-    raw = phases if phases is not None else t.get("phases")
+def _phase_pairs(raw: Any) -> list[tuple[str, float]]:
+    """(phase, seconds) pairs from the runner's list or timings.json's (a list of pairs, or an older dict)."""
     if isinstance(raw, dict):
         raw = list(raw.items())
-    pairs = [(str(p[0]), float(p[1])) for p in raw or [] if len(p) == 2 and not is_missing(p[1])]
+    return [(str(p[0]), float(p[1])) for p in raw or [] if len(p) == 2 and not is_missing(p[1])]
+
+
+def timings(exp: Experiment, phases: Sequence[tuple[str, float]] | None) -> dict[str, Any]:
+    """The runner's phases (given, or from timings.json) with bars, and each model's eval time per probe.
+
+    The total is timings.json's wall time (which counts the time between phases too) when the phases shown are the
+    ones it holds, so the report the run writes and one rebuilt later from the folder (`dpolab report`) agree;
+    otherwise it is the sum of the phases given.
+    """
+    t = exp.timings or {}
+    saved = _phase_pairs(t.get("phases"))
+    pairs = saved if phases is None else _phase_pairs(phases)
     longest = max((s for _, s in pairs), default=0.0) or 1.0
-    phase_rows = [{"name": n, "seconds": secs(s), "minutes": f"{s / 60:.1f}", "width": f"{100 * s / longest:.1f}"} for n, s in pairs]
-    total = t.get("total_s") if phases is None else sum(s for _, s in pairs)
+    phase_rows = [{"name": n, "seconds": num(s), "minutes": num(s / 60),
+                   "width": f"{100 * s / longest:.1f}"}  # a CSS width in %, not a number shown
+                  for n, s in pairs]
+    wall = t.get("total_s")
+    total = wall if pairs == saved and not is_missing(wall) else sum(s for _, s in pairs) if pairs else None
     probes: list[str] = []
     for m in exp.models:
         probes += [p for p in (m.summary.wall_time_s if m.summary else {}) if p not in probes and p != "total"]
@@ -550,9 +570,10 @@ def timings(exp: Experiment, phases: Sequence[tuple[str, float]] | None) -> dict
     for m in exp.models:
         w = m.summary.wall_time_s if m.summary else {}
         if w:
-            evals.append({"label": exp.label(m), "times": [secs(w.get(p)) for p in probes], "total": secs(w.get("total"))})
-    return {"phases": phase_rows, "total_min": None if is_missing(total) else f"{float(total) / 60:.1f}",
-            "budget_min": t.get("budget_min"), "probes": probes, "evals": evals}
+            evals.append({"label": exp.label(m), "times": [num(w.get(p)) for p in probes], "total": num(w.get("total"))})
+    return {"phases": phase_rows, "total_min": None if is_missing(total) else num(float(total) / 60),
+            "budget_min": None if is_missing(t.get("budget_min")) else num(t["budget_min"]), "probes": probes,
+            "evals": evals}
 
 
 def environment(exp: Experiment) -> list[tuple[str, str]]:
@@ -562,10 +583,6 @@ def environment(exp: Experiment) -> list[tuple[str, str]]:
 def eval_sizes(exp: Experiment) -> str | None:
     s = exp.baseline.summary.sizes if exp.baseline.summary else None
     return json.dumps(s, indent=2, sort_keys=True) if s else None
-
-
-def _pct(x: Any) -> str:
-    return "—" if is_missing(x) else f"{100 * x:.1f}%"
 
 
 def _outside(v: Any, lo: Any, hi: Any) -> bool:
@@ -585,12 +602,12 @@ def mechanism(exp: Experiment) -> list[dict[str, Any]]:
                               *((f"patch group {g} (its top movers)" if g != "any" else "patch the top movers of any group", v)
                                 for g, v in r["patching"].items())]:
                 rnd = row["random"]
-                interventions.append({"name": name, "k": row["k"], "fraction": _pct(row["fraction_of_dpo"]),
-                                      "ci": f"[{_pct(row['ci_low'])}, {_pct(row['ci_high'])}]",
-                                      "random": _pct(rnd["fraction_of_dpo"]),
-                                      "random_ci": f"[{_pct(rnd['ci_low'])}, {_pct(rnd['ci_high'])}]"})
-            groups = [{"group": g, "name": v["name"], "share": _pct(v["share"]),
-                       "null": f"{_pct(v['null_low'])} to {_pct(v['null_high'])}", "z": num(v["z"], signed=True),
+                interventions.append({"name": name, "k": row["k"], "fraction": percent(row["fraction_of_dpo"]),
+                                      "ci": f"[{percent(row['ci_low'])}, {percent(row['ci_high'])}]",
+                                      "random": percent(rnd["fraction_of_dpo"]),
+                                      "random_ci": f"[{percent(rnd['ci_low'])}, {percent(rnd['ci_high'])}]"})
+            groups = [{"group": g, "name": v["name"], "share": percent(v["share"]),
+                       "null": f"{percent(v['null_low'])} to {percent(v['null_high'])}", "z": num(v["z"], signed=True),
                        "beyond": _outside(v["share"], v["null_low"], v["null_high"])} for g, v in r["groups"].items()]
             shift = r["total_shift"]
             out.append({
