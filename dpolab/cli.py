@@ -8,6 +8,7 @@ import typer
 from dpolab import DEFAULT_MODEL
 from dpolab.bench.train import SYSTEMS as BENCH_SYSTEMS
 from dpolab.errors import DpolabError
+from dpolab.experiment.layout import FORMAT_HELP, Format
 from dpolab.models.backends import BACKEND_CHOICES
 from dpolab.stance import READERS, STANCE_CHOICES
 from dpolab.tracking import TRACKERS
@@ -191,10 +192,9 @@ def run(
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
                     + again, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
-    from dpolab.experiment.summary import print_matrix
+    from dpolab.experiment.summary import print_summary
 
-    print_matrix(report.rows)
-    print_matrix(report.rows, against="placebo")
+    print_summary(report.rows)  # `dpolab show OUT` prints it again, in any --format
 
 
 def _behaviour_help() -> str:
@@ -240,11 +240,25 @@ def compare(
     dir_a: str = typer.Argument(..., help="an experiment folder (with results.parquet)"),
     dir_b: str = typer.Argument(..., help="another experiment folder"),
     all_rows: bool = typer.Option(False, "--all", help="show every metric, not only those whose verdict or value differs"),
+    fmt: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
 ) -> None:
     """Show what differs between two experiment runs: verdicts, values and metrics present in only one."""
     from dpolab.experiment.summary import compare_runs
 
-    compare_runs(dir_a, dir_b, show_all=all_rows)
+    compare_runs(dir_a, dir_b, show_all=all_rows, fmt=fmt)
+
+
+@app.command()
+def show(
+    run_dir: str = typer.Argument(..., help="a finished experiment folder (with results.parquet)"),
+    fmt: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+) -> None:
+    """Print a finished run's summary again, as `dpolab run` printed it at its end: what moved against the
+    baseline and the placebo, in sentences, and which seed findings reproduced."""
+    from dpolab.experiment.results import read_run
+    from dpolab.experiment.summary import print_summary
+
+    print_summary(read_run(run_dir), fmt=fmt)
 
 
 @app.command()

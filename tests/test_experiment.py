@@ -153,8 +153,9 @@ def test_seed_findings_and_matrix_use_the_last_turn_run():
     assert "flips to a wrong answer 0.5 → 0.8" in headlines(rows)[0]
 
 
-@pytest.mark.parametrize("width", [220, 80])
-def test_matrix_prints_every_delta_wide_or_narrow(width):
+@pytest.mark.parametrize("width, terminal, table", [(1000, True, True), (220, True, False), (80, True, False),
+                                                    (1000, False, False)])
+def test_matrix_prints_every_delta_wide_or_narrow(width, terminal, table):
     import io
 
     from rich.console import Console
@@ -172,12 +173,12 @@ def test_matrix_prints_every_delta_wide_or_narrow(width):
               "value": 0.5, "delta": 0.0, "delta_ci_low": -0.01, "delta_ci_high": 0.01, "verdict": "no clear change"})
              for b in behaviours() if b.probe not in ("toxicity", "verbosity")]
     out = io.StringIO()
-    print_matrix(rows, Console(file=out, width=width, color_system=None))
+    print_matrix(rows, Console(file=out, width=width, force_terminal=terminal, color_system=None))
     text = out.getvalue()
     for number in ("-0.062", "-0.140", "+0.003", "+8.250", "+3.500", "+12.750"):
         assert number in text
-    narrow = width < 24 + 17 * len(behaviours(rows))  # the wide matrix needs 17 columns per behaviour
-    assert ("verdict" in text) == narrow  # the narrow layout has a verdict column
+    # the matrix is a table only on a terminal that holds it whole; otherwise one block per cell, with verdicts
+    assert ("┃" in text) == table and ("no clear change" in text) == (not table)
 
 
 def _toxicity_eval(values: dict[str, float], extra: dict[str, float] | None = None):

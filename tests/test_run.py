@@ -238,7 +238,8 @@ def test_run_and_compare_commands(tmp_path, tiny_model_dir, home):
 
     # every row of both runs is listed, with both values
     printed = io.StringIO()
-    compare_runs(tmp_path / "a", tmp_path / "b", show_all=True, console=Console(file=printed, width=400))
+    compare_runs(tmp_path / "a", tmp_path / "b", show_all=True,
+                 console=Console(file=printed, width=400, force_terminal=True, color_system=None))  # the table
     rows_b = {(r.probe, r.metric): r for r in read_results(tmp_path / "b" / "results.parquet")}
     for r in read_results(tmp_path / "a" / "results.parquet"):
         other = rows_b[(r.probe, r.metric)]

@@ -154,3 +154,24 @@ def read_results(path: Path) -> list[ResultRow]:
 def read_rows_json(path: Path) -> list[ResultRow]:
     """A cell's rows.json (its rows, written as soon as the cell is evaluated)."""
     return [ResultRow.model_validate(r) for r in json.loads(Path(path).read_text(encoding="utf-8"))]
+
+
+def read_run(run_dir: str | Path) -> list[ResultRow]:
+    """A finished run's pooled rows (its results.parquet); a clear ConfigError, naming the path, for a folder that
+    is not a run, a run that has not finished, or a results file that cannot be read."""
+    from pydantic import ValidationError
+
+    from dpolab.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.parquet"
+    if not path.exists():
+        if (run_dir / "experiment.json").exists():
+            raise ConfigError(f"{run_dir} has no results yet ({path} does not exist): the run has not finished; "
+                              f"continue it with `dpolab run SPEC --out {run_dir} --resume`")
+        what = "does not exist" if not run_dir.exists() else "is not a `dpolab run` folder (no results.parquet)"
+        raise ConfigError(f"{run_dir} {what}")
+    try:
+        return read_results(path)
+    except (pa.ArrowException, ValidationError) as exc:
+        raise ConfigError(f"{path} cannot be read as a run's results: {exc}") from None

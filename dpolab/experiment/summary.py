@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+from dpolab.experiment.layout import Format
 from dpolab.experiment.results import ResultRow
 from dpolab.stats import Verdict
 
@@ -182,65 +183,145 @@ def against_placebo(rows: list[ResultRow]) -> list[ResultRow]:
             for r in rows if r.placebo is not None]
 
 
-def matrix_title(rows: list[ResultRow], against: str = "baseline") -> str:
+def matrix_title(rows: list[ResultRow], against: str = "baseline", *, coloured: bool = True) -> str:
     seeds = max((r.seeds for r in rows), default=1)
     pooled = f"pooled over {seeds} training seeds" if seeds > 1 else "one training seed"
     return (f"What moved (Δ vs {against}, 95% CI over items, {pooled}; "
-            f"coloured when the CI excludes 0 and q ≤ 0.05 across the run)")
+            f"{'coloured' if coloured else 'improved or harmed'} when the CI excludes 0 and q ≤ 0.05 across the run)")
+
+
+@dataclass(frozen=True)
+class MatrixEntry:
+    """One number of the matrix: a cell's change in one headline behaviour, against the baseline or its placebo
+    (`baseline` and `value` are always the untrained model's and the cell's own)."""
+
+    against: str  # "baseline" or "placebo"
+    context: str
+    method: str
+    seed: int | None
+    behaviour: str  # the behaviour's label
+    probe: str
+    metric: str
+    baseline: float | None
+    value: float | None
+    delta: float | None
+    delta_ci_low: float | None
+    delta_ci_high: float | None
+    verdict: Verdict
+    q_value: float | None
+    n: int | None
+    mde: float | None
+
+
+MATRIX_COLUMNS = [f.name for f in fields(MatrixEntry)]
+
+
+def _columns(rows: list[ResultRow]) -> list[tuple[Behaviour, str]]:
+    """The matrix's behaviours, each with the metric it reads (per-turn metrics at the last turn run)."""
+    return [(b, last_turn(rows, b.probe, b.metric)) for b in behaviours(rows)]
+
+
+def matrix_entries(rows: list[ResultRow], against: str = "baseline") -> list[MatrixEntry]:
+    """The matrix as a list, cell by cell in the rows' order, behaviours in registry order; a cell's behaviour
+    that was not measured is left out.
+
+    against: "placebo" gives each real cell's change against its placebo (rows without one are left out)."""
+    if against == "placebo":
+        rows = against_placebo(rows)
+    by = index_rows(rows)
+    columns = _columns(rows)
+    out = []
+    for cell in dict.fromkeys(cell_key(r) for r in rows):
+        for b, metric in columns:
+            r = by.get((*cell, b.probe, metric))
+            if r is not None:
+                out.append(MatrixEntry(
+                    against=against, context=r.context, method=r.method, seed=r.seed, behaviour=b.label,
+                    probe=r.probe, metric=r.metric, baseline=r.baseline, value=r.value, delta=r.delta,
+                    delta_ci_low=r.delta_ci_low, delta_ci_high=r.delta_ci_high, verdict=r.verdict, q_value=r.q_value,
+                    n=r.n, mde=r.mde))
+    return out
+
+
+_COLOURS = {Verdict.IMPROVED: "green", Verdict.HARMED: "red", Verdict.UNCLEAR: "white"}
+
+
+def _num(x: float | None, spec: str = ".3g") -> str:
+    """A number for reading; NaN prints as "nan" (a change that could not be computed), None as "—"."""
+    return "—" if x is None else f"{x:{spec}}"
+
+
+def _entry_delta(e: MatrixEntry, sep: str = " ") -> str:
+    nan = math.nan
+    return _delta_ci(*(nan if x is None else x for x in (e.delta, e.delta_ci_low, e.delta_ci_high)), "+.3f", sep=sep)
+
+
+def _matrix_table(console, rows: list[ResultRow], entries: list[MatrixEntry], title: str):
+    """Cells x behaviours, delta over its [CI], coloured by verdict; None when the console cannot hold it whole."""
+    from rich.text import Text
+
+    from dpolab.experiment.layout import fitted_table
+
+    by = {(e.context, e.method, e.seed, e.probe, e.metric): e for e in entries}
+    cells = list(dict.fromkeys((e.context, e.method, e.seed) for e in entries))
+    columns = _columns(rows)
+    headers = ["context / method" + (" / seed" if any(c[2] is not None for c in cells) else "")]
+    headers += [f"{b.label}\n{b.probe} · {metric}" for b, metric in columns]
+
+    def shown(e: MatrixEntry | None):
+        return "—" if e is None else Text(_entry_delta(e, sep="\n"), style=_COLOURS[e.verdict])
+
+    table_rows = [[cell_label(cell), *(shown(by.get((*cell, b.probe, metric))) for b, metric in columns)]
+                  for cell in cells]
+    return fitted_table(console, headers, table_rows, justify=["left"] + ["right"] * len(columns), title=title,
+                        show_lines=True)
+
+
+def _print_matrix_blocks(console, entries: list[MatrixEntry], title: str) -> None:
+    """One block per cell, two lines per behaviour: its probe · metric (and label), then the numbers, aligned."""
+    from rich.text import Text
+
+    from dpolab.experiment.layout import indented
+
+    console.print(Text(title, style="italic"))
+    for cell in dict.fromkeys((e.context, e.method, e.seed) for e in entries):
+        group = [e for e in entries if (e.context, e.method, e.seed) == cell]
+        moved = [f"{_num(e.baseline)} → {_num(e.value)}" if e.against == "baseline" else "" for e in group]
+        deltas = [_entry_delta(e) for e in group]
+        widths = [max(len(x) for x in column) for column in (moved, deltas, [e.verdict.value for e in group])]
+        console.print()
+        console.print(Text(cell_label(cell), style="bold"))
+        for e, m, d in zip(group, moved, deltas):
+            indented(console, Text.assemble((f"{e.probe} · {e.metric}", "bold"), (f" — {e.behaviour}", "dim")), 2)
+            colour = _COLOURS[e.verdict]
+            q = "" if e.q_value is None else f"q={_num(e.q_value, '.2g')} "
+            numbers = Text.assemble(f"{m:<{widths[0]}}  " if m else "", "Δ ", (f"{d:<{widths[1]}}", colour), "  ",
+                                    (f"{e.verdict.value:<{widths[2]}}", colour), f"  {q}n={_num(e.n, 'd')}")
+            indented(console, numbers, 6)
 
 
 def print_matrix(rows: list[ResultRow], console=None, *, against: str = "baseline") -> None:
-    """The improve/harm matrix on the terminal: cells x behaviours, delta [CI], coloured by verdict. A console too
-    narrow for the matrix gets the same numbers as one line per cell and behaviour.
+    """The improve/harm matrix, its sentences and the seed findings on the terminal. A terminal wide enough gets
+    cells x behaviours, delta [CI], coloured by verdict; a narrower one, a pipe or a file gets the same numbers as
+    one block per cell, so no context, method, probe or metric name is ever cut.
 
     against: "placebo" shows each real cell's change against its placebo (rows without one are left out)."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
     console = console or Console()
+    entries = matrix_entries(rows, against)
     if against == "placebo":
         rows = against_placebo(rows)
         if not rows:
             return
-    by = index_rows(rows)
-    colours = {Verdict.IMPROVED: "green", Verdict.HARMED: "red", Verdict.UNCLEAR: "white"}
-    cells = list(dict.fromkeys(cell_key(r) for r in rows))
-    columns = behaviours(rows)
-    metrics = [last_turn(rows, b.probe, b.metric) for b in columns]
     title = matrix_title(rows, against)
-    if console.width >= 24 + 17 * len(columns):
-        table = Table(title=title, show_lines=True)
-        table.add_column("context / method" + (" / seed" if any(c[2] is not None for c in cells) else ""))
-        for b in columns:
-            table.add_column(b.label, justify="right")
-        for cell in cells:
-            entries = []
-            for b, m in zip(columns, metrics):
-                r = by.get((*cell, b.probe, m))
-                entries.append("—" if r is None else
-                               f"[{colours[r.verdict]}]" + escape(_delta_ci(r.delta, r.delta_ci_low, r.delta_ci_high, "+.3f", sep="\n")) + "[/]")
-            table.add_row(cell_label(cell), *entries)
+    table = _matrix_table(console, rows, entries, title)
+    if table is not None:
+        console.print(table)
     else:
-        table = Table(title=title)
-        table.add_column("cell")
-        table.add_column("behaviour")
-        for col in ("baseline → value", "Δ [95% CI]", "verdict"):
-            table.add_column(col, no_wrap=True)
-        for cell in cells:
-            first = True
-            for b, m in zip(columns, metrics):
-                r = by.get((*cell, b.probe, m))
-                if r is None:
-                    continue
-                c = colours[r.verdict]
-                table.add_row(cell_label(cell) if first else "", b.label,
-                              f"{r.baseline:.3g} → {r.value:.3g}",
-                              f"[{c}]{escape(_delta_ci(r.delta, r.delta_ci_low, r.delta_ci_high, '+.3f'))}[/]",
-                              f"[{c}]{r.verdict}[/]")
-                first = False
-            table.add_section()
-    console.print(table)
+        _print_matrix_blocks(console, entries, title)
+        console.print()
     for s in headlines(rows):
         console.print("• " + escape(s))
     if against == "placebo":
@@ -250,28 +331,135 @@ def print_matrix(rows: list[ResultRow], console=None, *, against: str = "baselin
         marks = {"reproduced": "[green]reproduced[/]", "refuted": "[red]refuted[/]", "not shown": "not shown"}
         console.print("Seed findings:")
         for f in found:
-            console.print(f"  {marks[f['status']]}: " + escape(
-                f"{f['claim']} ({f['method']}; {f['metric']} {f['baseline']:.3g} → {f['value']:.3g}, "
-                f"Δ {_delta_ci(f['delta'], f['delta_ci_low'], f['delta_ci_high'])}, n {f['n']}, MDE {_fmt(f['mde'])})"))
+            console.print(f"  {marks[f['status']]}: " + escape(_finding_text(f)))
 
 
-def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False, console=None) -> list[dict[str, Any]]:
-    """Rows whose verdict differs, whose value moved beyond both CIs, or that exist in only one run."""
+def _finding_text(f: dict[str, Any]) -> str:
+    return (f"{f['claim']} ({f['method']}; {f['metric']} {f['baseline']:.3g} → {f['value']:.3g}, "
+            f"Δ {_delta_ci(f['delta'], f['delta_ci_low'], f['delta_ci_high'])}, n {f['n']}, MDE {_fmt(f['mde'])})")
+
+
+def summary_markdown(rows: list[ResultRow]) -> str:
+    """The run summary as markdown: the matrix against the baseline (and the placebo) as GitHub tables with full
+    names, one line per cell and behaviour, each followed by its sentences; then the seed findings."""
+    from dpolab.experiment.layout import to_markdown
+
+    parts = []
+    for against in ("baseline", "placebo"):
+        entries = matrix_entries(rows, against)
+        if not entries:
+            continue
+        shown = against_placebo(rows) if against == "placebo" else rows
+        seeded = any(e.seed is not None for e in entries)
+        headers = ["context", "method"] + (["seed"] if seeded else []) + [
+            "behaviour", "probe", "metric", "baseline → value", f"Δ vs {against} [95% CI]", "verdict", "q", "n"]
+        table = [[e.context, e.method] + ([e.seed] if seeded else []) + [
+            e.behaviour, e.probe, e.metric, f"{_num(e.baseline)} → {_num(e.value)}", _entry_delta(e),
+            e.verdict, _num(e.q_value, ".2g") if e.q_value is not None else None, e.n] for e in entries]
+        parts.append(f"### {matrix_title(shown, against, coloured=False)}\n\n{to_markdown(headers, table)}")
+        sentences = headlines(shown)
+        if sentences:
+            parts.append("\n".join(f"- {s}" for s in sentences))
+    found = seed_findings(rows)
+    if found:
+        headers = ["status", "context", "method", "claim", "metric", "baseline → value", "Δ [95% CI]", "q", "n",
+                   "MDE", "source"]
+        table = [[f["status"], f["context"], f["method"], f["claim"], f["metric"],
+                  f"{_num(f['baseline'])} → {_num(f['value'])}",
+                  _delta_ci(f["delta"], f["delta_ci_low"], f["delta_ci_high"]),
+                  None if f["q_value"] is None else _num(f["q_value"], ".2g"), f["n"], _fmt(f["mde"]), f["source"]]
+                 for f in found]
+        parts.append(f"### Seed findings\n\n{to_markdown(headers, table)}")
+    return "\n\n".join(parts)
+
+
+def print_summary(rows: list[ResultRow], console=None, *, fmt: Format = Format.TABLE) -> None:
+    """What `dpolab run` prints at its end and `dpolab show` prints again: the matrix against the baseline and
+    against the placebo, the sentences and the seed findings (table); or the matrix as markdown, csv or json
+    (one object per cell, behaviour and comparison, the `against` field saying which)."""
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
-    from dpolab.errors import ConfigError
-    from dpolab.experiment.results import read_results
+    from dpolab.experiment.layout import emit, to_csv, to_json
 
     console = console or Console()
-    runs = []
-    for d in (dir_a, dir_b):
-        path = Path(d) / "results.parquet"
-        if not path.exists():
-            raise ConfigError(f"{path} does not exist; is {d} a finished `dpolab run` folder?")
-        runs.append(index_rows(read_results(path)))
-    a, b = runs
+    fmt = Format(fmt)
+    if fmt == Format.TABLE:
+        print_matrix(rows, console)
+        print_matrix(rows, console, against="placebo")
+        return
+    if fmt == Format.MARKDOWN:
+        emit(console, summary_markdown(rows))
+        return
+    records = [asdict(e) for e in matrix_entries(rows) + matrix_entries(rows, "placebo")]
+    emit(console, to_csv(records, MATRIX_COLUMNS) if fmt == Format.CSV else to_json(records))
+
+
+COMPARE_COLUMNS = ["context", "method", "seed", "probe", "metric", "a_value", "a_ci_low", "a_ci_high", "a_verdict",
+                   "b_value", "b_ci_low", "b_ci_high", "b_verdict", "differs"]
+_DIFFERS = {"verdict": "verdict differs", "value": "value differs"}  # what a block says; "only in A/B" as it is
+
+
+def compare_record(d: dict[str, Any]) -> dict[str, Any]:
+    """One difference of compare_runs as a flat row (COMPARE_COLUMNS): its key, each run's value, CI and verdict."""
+    context, method, seed, probe, metric = d["key"]
+    out = {"context": context, "method": method, "seed": seed, "probe": probe, "metric": metric}
+    for side in ("a", "b"):
+        r = d[side]
+        out |= {f"{side}_{k}": None if r is None else getattr(r, k) for k in ("value", "ci_low", "ci_high", "verdict")}
+    return out | {"differs": d["why"]}
+
+
+def _value_ci(r: ResultRow | None) -> str:
+    return "—" if r is None else f"{_num(r.value, '.3f')} [{_num(r.ci_low, '.3f')}, {_num(r.ci_high, '.3f')}]"
+
+
+def _verdict(r: ResultRow | None) -> str:
+    return "—" if r is None else r.verdict.value
+
+
+def _print_compare(console, diffs: list[dict[str, Any]], dir_a, dir_b) -> None:
+    """A table where the console holds it whole; otherwise one block per cell, each metric with A and B below it."""
+    from rich.text import Text
+
+    from dpolab.experiment.layout import fitted_table, indented
+
+    if not diffs:
+        console.print("no differences")
+        return
+    headers = ["context / method / seed", "probe", "metric", "A value [CI]", "A verdict", "B value [CI]", "B verdict",
+               "differs in"]
+    table = fitted_table(console, headers, [[cell_label(d["key"][:3]), *d["key"][3:], _value_ci(d["a"]),
+                                             _verdict(d["a"]), _value_ci(d["b"]), _verdict(d["b"]), d["why"]]
+                                            for d in diffs], title=f"A = {dir_a}   B = {dir_b}")
+    if table is not None:
+        console.print(table)
+        return
+    console.print(Text(f"A = {dir_a}\nB = {dir_b}", style="italic"))
+    for cell in dict.fromkeys(d["key"][:3] for d in diffs):
+        console.print()
+        console.print(Text(cell_label(cell), style="bold"))
+        for d in (d for d in diffs if d["key"][:3] == cell):
+            why = _DIFFERS.get(d["why"], d["why"])
+            indented(console, Text.assemble((" · ".join(d["key"][3:]), "bold"), f"  ({why})" if why else ""), 2)
+            width = max(len(_value_ci(d[side])) for side in ("a", "b"))
+            for side in ("a", "b"):
+                r = d[side]
+                colour = "white" if r is None else _COLOURS[r.verdict]
+                indented(console, Text.assemble(f"{side.upper()}  ", f"{_value_ci(r):<{width}}", "  ",
+                                                (_verdict(r), colour)), 6)
+
+
+def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False, console=None,
+                 fmt: Format = Format.TABLE) -> list[dict[str, Any]]:
+    """Rows whose verdict differs, whose value moved beyond both CIs, or that exist in only one run; printed as
+    `fmt` (table: a table where the console holds it whole, one block per cell otherwise)."""
+    from rich.console import Console
+
+    from dpolab.experiment.layout import emit, to_csv, to_json, to_markdown
+    from dpolab.experiment.results import read_run
+
+    console = console or Console()
+    a, b = (index_rows(read_run(d)) for d in (dir_a, dir_b))
     diffs = []
     for key in sorted(set(a) | set(b), key=str):
         ra, rb = a.get(key), b.get(key)
@@ -281,12 +469,16 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False
         apart = rb.value > ra.ci_high or rb.value < ra.ci_low
         if ra.verdict != rb.verdict or apart or show_all:
             diffs.append({"key": key, "a": ra, "b": rb, "why": "verdict" if ra.verdict != rb.verdict else "value" if apart else ""})
-    table = Table(title=f"A = {dir_a}   B = {dir_b}")
-    for col in ("context / method / seed", "probe", "metric", "A value [CI]", "A verdict", "B value [CI]", "B verdict", "differs in"):
-        table.add_column(col)
-    for d in diffs:
-        context, method, seed, probe, metric = d["key"]
-        show = lambda r: ("—", "—") if r is None else (escape(f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"), r.verdict)  # noqa: E731
-        table.add_row(cell_label((context, method, seed)), probe, metric, *show(d["a"]), *show(d["b"]), d["why"])
-    console.print(table if diffs else "no differences")
+    fmt = Format(fmt)
+    if fmt == Format.TABLE:
+        _print_compare(console, diffs, dir_a, dir_b)
+    elif fmt == Format.MARKDOWN:
+        headers = ["context", "method", "seed", "probe", "metric", "A value [95% CI]", "A verdict", "B value [95% CI]",
+                   "B verdict", "differs in"]
+        table = [[*d["key"], _value_ci(d["a"]), _verdict(d["a"]), _value_ci(d["b"]), _verdict(d["b"]), d["why"]]
+                 for d in diffs]
+        emit(console, f"A = `{dir_a}`, B = `{dir_b}`\n\n" + to_markdown(headers, table))
+    else:
+        records = [compare_record(d) for d in diffs]
+        emit(console, to_csv(records, COMPARE_COLUMNS) if fmt == Format.CSV else to_json(records))
     return diffs
