@@ -109,7 +109,9 @@ def test_headlines_name_what_moved():
             result_row(**{"context": "detox", "method": "dpo", "seed": 0, "probe": "verbosity", "metric": "median_tokens", "baseline": 40,
              "value": 48, "delta": 8, "delta_ci_low": 3, "delta_ci_high": 12, "verdict": "harmed"})]
     (s,) = headlines(rows)
-    assert s.startswith("dpo on detox: improved toxicity 0.15 → 0.05") and "harmed reply length" in s
+    # the report's number format (dpolab.numbers): three significant digits, a true minus sign
+    assert s.startswith("dpo on detox: improved toxicity 0.150 → 0.0500 (Δ −0.100 [−0.120, −0.0700])")
+    assert s.endswith("40.0 → 48.0 (Δ +8.00 [+3.00, +12.0]).") and "harmed reply length" in s
 
 
 def test_seed_findings_follow_the_ci_the_q_value_and_the_mde():
@@ -150,7 +152,7 @@ def test_seed_findings_and_matrix_use_the_last_turn_run():
             for m, lo in (("neg_flip@1", -0.1), ("neg_flip@2", 0.1), ("neg_flip@2|technique=evidence", 0.1))]
     (f,) = seed_findings(rows)
     assert f["metric"] == "persuasion · neg_flip@2" and f["status"] == "reproduced"
-    assert "flips to a wrong answer 0.5 → 0.8" in headlines(rows)[0]
+    assert "flips to a wrong answer 0.500 → 0.800" in headlines(rows)[0]
 
 
 @pytest.mark.parametrize("width, terminal, table", [(1000, True, True), (220, True, False), (80, True, False),

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 from dpolab.experiment.layout import Format
 from dpolab.experiment.results import ResultRow
+from dpolab.numbers import ci, num
 from dpolab.stats import Verdict
 
 
@@ -156,7 +157,8 @@ def headlines(rows: list[ResultRow]) -> list[str]:
             r = by.get((*cell, b.probe, last_turn(rows, b.probe, b.metric)))
             if r is None or r.verdict == Verdict.UNCLEAR:
                 continue
-            text = f"{b.label} {r.baseline:.3g} → {r.value:.3g} (Δ {_delta_ci(r.delta, r.delta_ci_low, r.delta_ci_high)})"
+            text = (f"{b.label} {num(r.baseline)} → {num(r.value)} (Δ {num(r.delta, signed=True)} "
+                    f"{ci(r.delta_ci_low, r.delta_ci_high, signed=True)})")
             (better if r.verdict == Verdict.IMPROVED else worse).append(text)
         who = f"{method} on {context}" + (f" (seed {seed})" if seed is not None and len({k[2] for k in map(cell_key, rows)}) > 1 else "")
         if not better and not worse:
