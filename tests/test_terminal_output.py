@@ -219,11 +219,18 @@ def test_show_error_is_one_line_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and f"error: {tmp_path / 'nowhere'} does not exist" in proc.stderr
 
 
+def test_a_missing_interval_reads_no_ci():
+    rows = [row(context="detox", method="dpo", seed=None, probe="toxicity", metric="mean_score", baseline=0.1,
+                value=0.2, delta=0.1, delta_ci_low=math.nan, delta_ci_high=math.nan, n=2)]
+    text = printed(lambda c: print_summary(rows, c), width=80, terminal=False)
+    assert "Δ +0.100 (no CI)" in text and "nan" not in text
+
+
 def test_nan_survives_every_format():
     rows = [row(context="detox", method="dpo", seed=None, probe="toxicity", metric="mean_score", baseline=0.1,
                 value=0.05, delta=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan, n=0)]
     text = printed(lambda c: print_summary(rows, c), width=80, terminal=False)
-    assert "Δ +nan [+nan, +nan]" in text
+    assert "Δ +nan (no CI)" in text  # a change that could not be computed, and no interval
     as_json = printed(lambda c: print_summary(rows, c, fmt="json"), width=80, terminal=False)
     assert json.loads(as_json)[0]["delta"] is None  # JSON has no NaN
     as_csv = printed(lambda c: print_summary(rows, c, fmt="csv"), width=80, terminal=False)

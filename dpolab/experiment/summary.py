@@ -128,8 +128,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _delta_ci(delta: float, low: float, high: float, spec: str = "+.3g", sep: str = " ") -> str:
-    """"+0.12 [+0.03, +0.2]": a delta and its CI, each formatted with `spec`. Printed through rich it must be
-    escaped: rich takes "[nan, nan]" for a style tag and drops it."""
+    """"+0.12 [+0.03, +0.2]": a delta and its CI, each formatted with `spec`; "+0.12 (no CI)" when neither bound was
+    computed (fewer items than an interval needs). Printed through rich it must be escaped: rich takes "[…]" for a
+    style tag and drops it."""
+    if _missing(low) and _missing(high):
+        return f"{delta:{spec}}{sep}(no CI)"
     return f"{delta:{spec}}{sep}[{low:{spec}}, {high:{spec}}]"
 
 
