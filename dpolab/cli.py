@@ -170,6 +170,8 @@ def run(
                                  "ray (each cell a Ray task; the spec's `resources` sets its CPUs/GPUs)"),
     address: str = typer.Option(None, "--address", help="the Ray cluster to join (with --executor ray); default: "
                                 "start a local one"),
+    estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="at the start, time the run's parts at small "
+                                  "sizes on this machine and say how long the whole run will take"),
 ) -> None:
     """Does DPO improve or harm the model? Train every (context, method, seed) cell, evaluate, compare, report."""
     import time
@@ -183,12 +185,13 @@ def run(
     loaded = load_spec(spec, quick=quick, preset=preset, overrides=overrides)
     out = out or f"runs/experiment-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        report = run_experiment(loaded, out, resume=resume, quick=quick, executor=executor, address=address)
+        report = run_experiment(loaded, out, resume=resume, quick=quick, executor=executor, address=address,
+                                estimate=estimate)
     except KeyboardInterrupt:
         again = "".join([" --quick" if quick else "", f" --preset {preset}" if preset else "",
                          f" --backend {backend}" if backend else "", " --int8" if int8 else "",
                          f" --executor {executor}" if executor != "local" else "",
-                         f" --address {address}" if address else ""])
+                         f" --address {address}" if address else "", "" if estimate else " --no-estimate"])
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
                     + again, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None

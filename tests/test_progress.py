@@ -52,9 +52,12 @@ def test_run_into_a_log_prints_plain_lines_per_phase_and_cell(tiny_model_dir, tm
     no_bars(out)
     no_bars(err)
     left = rf"; about {D} left"
-    expected = [rf"baseline eval done in {D}; elapsed {D}$"]
+    # the estimate, calibrated before the baseline eval (its breakdown follows on lines of its own, unstamped)
+    expected = [rf"estimate: about (\d+ min|{D}) in all on .+, \d+ threads? \(calibrated in {D}; refined after each "
+                rf"cell\); elapsed {D}$"]
+    expected += [rf"baseline eval done in {D}; elapsed {D}$"]
     for i, cell in enumerate(["length-biased-judge__dpo__s0", "length-biased-judge__ipo__s0"], start=1):
-        # no estimate before the first cell ends; then the mean cell times the cells to go; none after the last
+        # nothing left said before the first cell ends; then the estimate refined by the cells done; none after the last
         during = "" if i == 1 else left
         expected += [rf"cell {i}/2 {cell}: started; elapsed {D}{during}$"]
         expected += [rf"cell {i}/2 {cell}: {phase} done in {D}; elapsed {D}{during}$" for phase in ("pairs", "train", "eval")]

@@ -174,8 +174,8 @@ def test_quick_grid_end_to_end_and_resume_after_a_kill(tmp_path, tiny_model_dir,
         return real_train(*args, on_step=die, **kwargs)
 
     monkeypatch.setattr(loop, "train", killed)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment(spec, out, resume=True, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # no estimate: its calibration would train, and be killed, first
+        runner.run_experiment(spec, out, resume=True, progress=False, estimate=False)
     assert (out / "cells" / "length-biased-judge__dpo__s0" / "train").exists()
     assert not (out / "cells" / "length-biased-judge__dpo__s0" / "cell.json").exists()
     monkeypatch.setattr(loop, "train", real_train)

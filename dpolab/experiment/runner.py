@@ -23,8 +23,9 @@ import yaml
 
 from dpolab.edits import EditReport
 from dpolab.errors import ConfigError
+from dpolab.experiment.estimate import Estimate, calibrate, minutes
 from dpolab.experiment.results import ResultRow, compare, per_item_values, read_rows_json, write_results
-from dpolab.experiment.spec import ExperimentSpec, MethodSpec
+from dpolab.experiment.spec import ExperimentSpec, MethodSpec, cell_name
 from dpolab.io import atomic_write_json, atomic_write_text
 from dpolab.methods import METHOD_KINDS
 from dpolab.probes.summary import EvalSummary
@@ -45,10 +46,6 @@ class RunReport:
 EXECUTORS = ("local", "ray")  # how the cells run: one after another here, or as Ray tasks (dpolab.experiment.ray_executor)
 
 
-def cell_name(context: str, method: str, seed: int) -> str:
-    return f"{context}__{method}__s{seed}"
-
-
 def environment() -> dict[str, Any]:
     import os
 
@@ -57,16 +54,10 @@ def environment() -> dict[str, Any]:
 
     from dpolab import __version__
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from dpolab.bench.hardware import cpu_name, has_amx
+
     return {"dpolab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform(), "cpu": cpu,
+            "transformers": transformers.__version__, "platform": platform.platform(), "cpu": cpu_name(), "amx": has_amx(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
@@ -75,24 +66,33 @@ class _Phases:
     """Wall time of each phase, printed as it ends: dimmed under the terminal's bar or, when the output is not a
     terminal (a log), as one plain line with the time so far and an estimate of what is left."""
 
-    def __init__(self, console, lines: PlainLines | None, cells: int):
+    def __init__(self, console, lines: PlainLines | None, cells: int, *, done: int = 0):
         self.console = console
         self.lines = lines
+        self.start = time.perf_counter()
         self.times: list[tuple[str, float]] = []
+        self.done = done  # cells of the grid finished before this call
         self.cells_left = cells  # cells of this call not finished yet, the running one included
         self.cell_seconds: list[float] = []  # the cells finished in this call
         self.cell = ""  # "cell 2/6 " while a cell runs: each line of a log then says where the run is
+        self.running = ""  # the running cell's name
         self.cell_start: float | None = None
+        self.cell_parts: dict[str, float] = {}  # the running cell's seconds per part (pairs, tune, eval)
+        self.measured: dict[str, dict[str, float]] = {}  # the cells finished in this call: part -> seconds
+        self.estimate: Estimate | None = None  # the calibrated estimate, if one was made
 
     def left(self) -> float | None:
-        """The time still to go: the mean cell of this call so far for each cell not finished (the running one less
-        the time it has had, but not below zero); none before the first cell ends, and none after the last."""
+        """The time still to go: none before the first cell ends, and none after the last. With an estimate, its
+        cells not finished priced by the ones that are (Estimate.remaining); else the mean cell of this call so far
+        for each. The running cell counts less the time it has had, but not below zero."""
         if not self.cell_seconds or not self.cells_left:
             return None
-        mean = sum(self.cell_seconds) / len(self.cell_seconds)
         running = self.cell_start is not None
-        current = max(0.0, mean - (time.perf_counter() - self.cell_start)) if running else 0.0
-        return current + mean * (self.cells_left - running)
+        had = time.perf_counter() - self.cell_start if running else 0.0
+        if self.estimate is not None:
+            return self.estimate.remaining(self.measured, running=self.running if running else None, running_s=had)
+        mean = sum(self.cell_seconds) / len(self.cell_seconds)
+        return max(0.0, mean - had) * running + mean * (self.cells_left - running)
 
     def say(self, text: str) -> None:
         """A line of its own: plain in a log, on the console on a terminal."""
@@ -102,7 +102,7 @@ class _Phases:
             self.console.print(text)
 
     def start_cell(self, number: str, name: str) -> None:
-        self.cell, self.cell_start = f"{number} ", time.perf_counter()
+        self.cell, self.running, self.cell_start, self.cell_parts = f"{number} ", name, time.perf_counter(), {}
         if self.lines is not None:  # on a terminal the bar shows the cell
             self.say(f"{number} {name}: started")
 
@@ -110,26 +110,29 @@ class _Phases:
         dt = time.perf_counter() - self.cell_start
         self.cell_seconds.append(dt)
         self.cells_left -= 1
-        self.cell, self.cell_start = "", None
+        self.measured[name] = self.cell_parts
+        self.cell, self.running, self.cell_start = "", "", None
+        if self.estimate is not None:  # the whole run as it now looks: the time so far and what is left
+            total = time.perf_counter() - self.start + (self.left() or 0.0)
+            self.estimate.updates.append((self.done + len(self.cell_seconds), total))
+            if self.lines is None:
+                self.console.print(f"[dim]estimate: about {minutes(total)} in all")
         if self.lines is not None:
             self.say(f"{number} {name}: done in {duration(dt)}")
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, *, part: str | None = None):
+        """Times the phase `name`; `part` (pairs, tune, eval) is what of its cell it is, for the estimate."""
         t0 = time.perf_counter()
         yield
         dt = time.perf_counter() - t0
         self.times.append((name, dt))
+        if part is not None and self.cell_start is not None:
+            self.cell_parts[part] = self.cell_parts.get(part, 0.0) + dt
         if self.lines is not None:
             self.lines.line(f"{self.cell}{name} done in {duration(dt)}", left=self.left())
         else:
             self.console.print(f"[dim]{name}: {dt:.1f} s")
-
-
-def _takes_stance(context: str) -> bool:
-    from dpolab.contexts import CONTEXTS
-
-    return "stance" in CONTEXTS.get(context).option_names()
 
 
 @dataclass
@@ -222,7 +225,7 @@ def _build_pairs(spec: ExperimentSpec, out: Path, plan: CellPlan, *, reader: str
 
     placebo = parse_placebo(plan.context)
     source = plan.context if placebo is None else placebo[1]
-    plan.options = {**({"stance": reader} if _takes_stance(source) else {}), **spec.contexts[source].options}
+    plan.options = spec.context_options(source, reader)
     # the spec's options are final: --quick sizes were applied when it was loaded
     data_path = build_context(source, base_chat(), options=plan.options, seed=plan.seed, cache_dir=out / "contexts",
                               model_id=spec.model)
@@ -267,7 +270,7 @@ def _tune_eval_compare(spec: ExperimentSpec, out: Path, plan: CellPlan, kind: st
     cell_dir = out / "cells" / name
     source = plan.context if parse_placebo(context) is None else parse_placebo(context)[1]
     on_phase(f"{name}: {kind}")
-    with phases(f"{name}: {kind}"):
+    with phases(f"{name}: {kind}", part="tune"):
         if kind == "train":
             cfg = spec.train_config(context, method, data=str(plan.data_path), out=str(cell_dir / "train"), seed=seed)
             if cell_run is not None:
@@ -284,7 +287,7 @@ def _tune_eval_compare(spec: ExperimentSpec, out: Path, plan: CellPlan, kind: st
             edited = _edit_cell(spec.model, spec.methods[method], plan.data_path, cell_dir / "edit", seed=seed)
             tuned, steps, extra = edited.model, 0, {"edit": edited.report.summary()}
     on_phase(f"{name}: eval")
-    with phases(f"{name}: eval"):
+    with phases(f"{name}: eval", part="eval"):
         loaded = load_model(spec.model)  # tokenizer and identity of the base; weights replaced below
         loaded.model = tuned.eval()
         loaded.name = f"{spec.model} + {context}/{method}/s{seed}"
@@ -295,7 +298,7 @@ def _tune_eval_compare(spec: ExperimentSpec, out: Path, plan: CellPlan, kind: st
             write_inspect_log(cell_dir / "eval", cell_dir / "inspect")
     behaviours = spec.contexts[context].explain if parse_placebo(context) is None else {}
     for behaviour, explain_keys in behaviours.items():
-        with phases(f"{name}: explain {behaviour}"):
+        with phases(f"{name}: explain {behaviour}", part="eval"):
             _explain_cell(spec, loaded, behaviour, explain_keys, cell_dir / "explain" / behaviour, say=phases.say)
     baseline = EvalSummary.read(out / "baseline" / "summary.json")
     rows = compare(baseline, summary, per_item_values(out / "baseline"), per_item_values(cell_dir / "eval"),
@@ -311,8 +314,13 @@ def _tune_eval_compare(spec: ExperimentSpec, out: Path, plan: CellPlan, kind: st
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = False, quick: bool = False, progress: bool = True,
-                   stop_after_cells: int | None = None, executor: str = "local", address: str | None = None) -> RunReport:
+                   stop_after_cells: int | None = None, executor: str = "local", address: str | None = None,
+                   estimate: bool = True) -> RunReport:
     """Run the grid of `spec` into `out`; see the module docstring. Returns the rows of results.parquet.
+
+    estimate: before the baseline eval, time the run's parts at small sizes on this machine and say how long the
+        whole run should take (dpolab.experiment.estimate), refined after each cell; into timings.json beside the
+        actual time. Only with the local executor, whose cells run one after another.
 
     executor: "local" runs the cells one after another in this process; "ray" runs each cell as a Ray task
         (dpolab.experiment.ray_executor) once this process has run the baseline and built its pairs.
@@ -350,11 +358,32 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                                    tracking_uri=spec.tracking_uri)
     with tracking or contextlib.nullcontext():
         return _run_grid(spec, out, tracking, quick=quick, progress=progress, stop_after_cells=stop_after_cells,
-                         executor=executor, address=address)
+                         executor=executor, address=address, estimate=estimate)
+
+
+def _make_estimate(spec: ExperimentSpec, out: Path, cells: list[tuple[str, str, int]], done: list[tuple[str, str, int]],
+                   *, base_chat, phases: _Phases) -> None:
+    """Calibrate the estimate of `cells` (those this call runs) on the base model, print it (and, in a log, its
+    breakdown) and give it to `phases`. A calibration that fails says so, and the run goes on without one."""
+    from dpolab.contexts.placebo import parse_placebo
+
+    base_dir = out / "baseline"
+    baseline = EvalSummary.read(base_dir / "summary.json") if (base_dir / "DONE").exists() else None
+    built = {(c if parse_placebo(c) is None else parse_placebo(c)[1], s) for c, _, s in done}
+    try:
+        estimate = calibrate(spec, cells, base=base_chat(), baseline=baseline, built=built)
+    except Exception as exc:  # the estimate is a courtesy: it never stops the run it is about
+        phases.say(f"estimate: none, the calibration failed ({type(exc).__name__}: {exc})")
+        return
+    estimate.spent_s = time.perf_counter() - phases.start
+    phases.estimate = estimate
+    phases.say(estimate.line())
+    if phases.lines is not None:
+        print("\n".join(estimate.breakdown_lines()), file=phases.lines.stream, flush=True)
 
 
 def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progress: bool, stop_after_cells: int | None,
-              executor: str, address: str | None) -> RunReport:
+              executor: str, address: str | None, estimate: bool) -> RunReport:
     from rich.console import Console
 
     from dpolab.experiment.pool import pool_run
@@ -365,7 +394,7 @@ def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progres
     cells = spec.cells()
     done = [c for c in cells if (out / "cells" / cell_name(*c) / "cell.json").exists()]
     todo = len(cells) - len(done) if stop_after_cells is None else min(stop_after_cells, len(cells) - len(done))
-    phases = _Phases(console, None if interactive() else PlainLines(), cells=todo)
+    phases = _Phases(console, None if interactive() else PlainLines(), cells=todo, done=len(done))
     report.skipped = [cell_name(*c) for c in done]
     if done:
         phases.say(f"resuming: {len(done)} of {len(cells)} cells already finished")
@@ -374,7 +403,7 @@ def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progres
 
     bar = Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[phase]}"), console=console, disable=not progress or phases.lines is not None)
-    t_start = time.perf_counter()
+    t_start = phases.start
     cluster = None
     if executor == "ray" and todo:
         from dpolab.experiment.ray_executor import RayCells
@@ -385,6 +414,10 @@ def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progres
             task = bar.add_task("cells", total=len(cells), completed=len(done), phase="baseline")
             base_dir = out / "baseline"
             base_chat = _lazy_base(spec, phases.say)
+            if estimate and cluster is None and todo:
+                bar.update(task, phase="estimate")
+                _make_estimate(spec, out, [c for c in cells if c not in done][:todo], done, base_chat=base_chat,
+                               phases=phases)
             if not (base_dir / "DONE").exists():
                 with phases("baseline eval"):
                     shutil.rmtree(base_dir, ignore_errors=True)
@@ -411,7 +444,7 @@ def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progres
                 if cluster is None:
                     phases.start_cell(plan.number, name)
                 bar.update(task, phase=f"{name}: pairs")
-                with phases(f"{name}: pairs"):
+                with phases(f"{name}: pairs", part="pairs"):
                     _build_pairs(spec, out, plan, reader=reader, base_chat=base_chat)
                 if cluster is None:
                     _run_cell(spec, out, plan, reader=reader, base_chat=base_chat, phases=phases,
@@ -439,7 +472,8 @@ def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progres
         write_results(report.rows, out / "results.parquet")
     total = time.perf_counter() - t_start
     report.phases = list(phases.times)
-    atomic_write_json(out / "timings.json", {"phases": report.phases, "total_s": total, "executor": executor})
+    estimated = {} if phases.estimate is None else {"estimate": phases.estimate.to_json()}
+    atomic_write_json(out / "timings.json", {"phases": report.phases, "total_s": total, "executor": executor, **estimated})
     from dpolab.report import write_report
 
     with phases("report"):  # timed for the log only: the report and timings.json cannot hold their own writing
@@ -449,5 +483,7 @@ def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progres
                                    out / "results_by_seed.parquet", out / "spec.resolved.yaml", out / "timings.json"],
                         rows=report.rows)
     budget = spec.budgets.quick_minutes if quick else spec.budgets.total_minutes
-    console.print(f"wall time {total / 60:.1f} min (budget {budget:g} min) -> {out / 'report.html'}")
+    said = "" if phases.estimate is None else f"estimated {minutes(phases.estimate.at_start_s)} at start, "
+    on = f" on {spec.budgets.cpu}" if spec.budgets.cpu else ""
+    console.print(f"wall time {total / 60:.1f} min ({said}budget {budget:g} min{on}) -> {out / 'report.html'}")
     return report

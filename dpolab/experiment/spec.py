@@ -25,6 +25,11 @@ RUNNER_KEYS = {"model", "data", "out", "seed", "progress"}
 TRACKING_KEYS = {"report_to", "tracking_uri"}
 
 
+def cell_name(context: str, method: str, seed: int) -> str:
+    """A cell's name, and its folder's under OUT/cells: "detox__dpo__s0"."""
+    return f"{context}__{method}__s{seed}"
+
+
 class MethodSpec(StrictModel):
     """A method: kind "train" (a loss and any TrainConfig keys: lr, beta, lora, epochs, ...), kind "edit" (a
     weight edit from dpolab.edits.EDITS with its layers and k, computed from the context's pairs; it trains
@@ -156,10 +161,11 @@ class ProbesSpec(StrictModel):
 
 
 class Budgets(StrictModel):
-    """Wall-time expectations; the runner prints each phase's time against them."""
+    """Wall-time expectations, and the machine they hold on; the runner prints the run's time against them."""
 
     total_minutes: float = 30.0
     quick_minutes: float = 5.0
+    cpu: str = Field("", description="the machine the budgets were measured on, e.g. 'AMD EPYC, 2 vCPUs, without AMX'")
 
 
 class Resources(StrictModel):
@@ -284,6 +290,14 @@ class ExperimentSpec(StrictModel):
                                source=f"(context {context!r}, method {method!r})")
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+
+    def context_options(self, source: str, reader: str) -> dict[str, Any]:
+        """A real context's options as a run builds its pairs: the run's stance reader (if the context reads
+        stances), then the spec's options."""
+        from dpolab.contexts import CONTEXTS
+
+        takes_stance = "stance" in CONTEXTS.get(source).option_names()
+        return {**({"stance": reader} if takes_stance else {}), **self.contexts[source].options}
 
     def cells(self) -> list[tuple[str, str, int]]:
         """(context, method, seed) in run order: seed by seed, so a run cut short has every context's first seeds;

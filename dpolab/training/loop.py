@@ -381,6 +381,11 @@ def _reference_model(run: Run) -> torch.nn.Module:
     return ref
 
 
+def optimizer_steps(cfg: TrainConfig, n_pairs: int) -> int:
+    """The optimizer steps a training of n_pairs takes: max_steps, else epochs x pairs / batch_size (at least one)."""
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * n_pairs / cfg.batch_size))
+
+
 def _optimizer(run: Run, model: torch.nn.Module):
     """AdamW over the trainable parameters and the learning-rate schedule; returns (params, optimizer, scheduler,
     total_steps)."""
@@ -391,7 +396,7 @@ def _optimizer(run: Run, model: torch.nn.Module):
     cpu = run.accelerator.device.type == "cpu"
     fused = True if cpu and all(p.dtype in _FUSED_ADAM_DTYPES for p in params) else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, fused=fused)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.data.pairs) / cfg.batch_size))
+    total_steps = optimizer_steps(cfg, len(run.data.pairs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
     return params, optimizer, scheduler, total_steps
 

@@ -1,0 +1,394 @@
+"""How long a run will take, said at its start: the work the spec asks of the model, counted on a scripted model at
+full size and at a small calibration size, times this machine's seconds for that work, timed at the calibration size
+on the real base model; refined after each cell from the phases measured so far (dpolab.experiment.runner).
+
+What is timed, and how it is scaled to the spec's sizes:
+- eval: the spec's probes run on the base at `--limit 2`; each probe's seconds times its work at full size over its
+  work at the calibration size (a resumed run whose baseline exists takes the baseline's own seconds instead);
+- pairs: each context built at `limit 2` on the base, scaled the same way, once per context and seed; a self-sft
+  placebo's samples timed on those pairs, per pair;
+- training: two optimizer steps of each method (the cell's train config, on a context's calibration pairs) give
+  seconds per token of a step and the fixed cost of a training (loading, warm-up, saving); a cell's training is
+  that fixed cost, its steps at its pairs' tokens, and a forward pass over its pairs for a cached reference.
+  A method of a registered kind (dpolab.methods) counts as its plain training times its rounds (its own sampling
+  and judging are not timed); an edit is not timed at all. Both are refined once a cell of theirs has run.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpolab.progress import duration
+
+if TYPE_CHECKING:
+    from dpolab.data.schema import PreferencePair
+    from dpolab.experiment.spec import ExperimentSpec
+    from dpolab.models.chat import ChatModel
+    from dpolab.probes.summary import EvalSummary
+
+CALIBRATION_LIMIT = 2  # items per probe and per context in the timed calibration
+CALIBRATION_STEPS = 2  # optimizer steps of each timed training: the first carries the warm-up
+REFERENCE_SHARE = 1 / 3  # a cached reference's forward pass over a pair, as a share of its forward and backward
+DRY_BOOT = 100  # bootstrap resamples where the metrics are thrown away (dry runs, the timed eval)
+PARTS = ("pairs", "tune", "eval")  # a cell's phases as the estimate prices them
+
+
+class Tally:
+    """A ChatModel that passes every request on to `model` and counts the work in it: one unit per generated token
+    slot (conversations x max_new_tokens), scored candidate, next-token reading or scored text.
+
+    run_eval clears a model's cache after each probe; the tally starts a new count there, so `parts` holds one
+    count per probe, in run order."""
+
+    def __init__(self, model: ChatModel):
+        self.model = model
+        self.parts: list[float] = [0.0]
+
+    def __getattr__(self, name: str) -> Any:  # name, format, backend: the model's own
+        return getattr(self.model, name)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts)
+
+    def generate(self, conversations, *, max_new_tokens: int, **kwargs):
+        self.parts[-1] += len(conversations) * max_new_tokens
+        return self.model.generate(conversations, max_new_tokens=max_new_tokens, **kwargs)
+
+    def score_continuations(self, conversations, continuations):
+        self.parts[-1] += sum(len(c) for c in continuations)
+        return self.model.score_continuations(conversations, continuations)
+
+    def next_token_logprobs(self, conversations, candidates, *, prefix: str = ""):
+        self.parts[-1] += len(conversations)
+        return self.model.next_token_logprobs(conversations, candidates, prefix=prefix)
+
+    def score_texts(self, texts):
+        self.parts[-1] += len(texts)
+        return self.model.score_texts(texts)
+
+    def token_count(self, text: str) -> int:
+        return self.model.token_count(text)
+
+    def clear_cache(self) -> None:
+        self.parts.append(0.0)
+        if hasattr(self.model, "clear_cache"):
+            self.model.clear_cache()
+
+
+def scaled(seconds: float, full: float, small: float) -> float:
+    """Seconds timed at the small size, at full size: in proportion to the work (as is, when there was none)."""
+    return seconds * full / small if small > 0 else seconds
+
+
+def _cap(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def probe_work(spec: ExperimentSpec, *, limit: int | None) -> dict[str, float]:
+    """The work each of the spec's probes asks at its sizes (capped by `limit`), counted on FakeChatModel: no model
+    runs, only the probes' own code (e.g. the toxicity scorer)."""
+    from dpolab.models.fake import FakeChatModel
+    from dpolab.probes.run import parse_probes, run_eval
+
+    names = parse_probes(spec.probes.names)
+    tally = Tally(FakeChatModel())
+    run_eval(tally, probes=names, sizes=spec.probes.sizes, limit=_cap(limit, spec.probes.limit),
+             stance=spec.probes.stance, n_boot=DRY_BOOT)
+    return dict(zip(names, tally.parts))
+
+
+def context_work(source: str, options: dict[str, Any], *, seed: int, limit: int | None) -> float:
+    """The work a context's build asks at its sizes (capped by `limit`), counted on FakeChatModel."""
+    from dpolab.contexts import build_pairs
+    from dpolab.models.fake import FakeChatModel
+
+    tally = Tally(FakeChatModel())
+    build_pairs(source, tally, options=options, seed=seed, limit=limit)
+    return tally.total
+
+
+@dataclass
+class CellCost:
+    """One cell's expected seconds per part, and per part the key it shares with other cells: cells with one key
+    take alike (a context's training on another seed), None when the part has nothing to do (pairs an earlier cell
+    built)."""
+
+    name: str
+    seconds: dict[str, float]
+    keys: dict[str, str | None]
+    group: str  # "detox/dpo": how the breakdown lists it
+
+
+@dataclass
+class Estimate:
+    """The run's expected wall time, and its updates as cells end."""
+
+    cpu: str
+    threads: int
+    calibration_s: float
+    probes: dict[str, float]  # eval seconds per probe, at the spec's sizes
+    baseline_s: float  # the baseline eval still to run (0 when a resumed run has it)
+    cells: list[CellCost]
+    spent_s: float = 0.0  # the run's time before the estimate was made: loading the base, calibrating
+    notes: list[str] = field(default_factory=list)
+    updates: list[tuple[int, float]] = field(default_factory=list)  # (cells finished in the grid, total seconds)
+
+    @property
+    def at_start_s(self) -> float:
+        return self.spent_s + self.baseline_s + sum(sum(c.seconds.values()) for c in self.cells)
+
+    def remaining(self, measured: dict[str, dict[str, float]], *, running: str | None = None,
+                  running_s: float = 0.0) -> float:
+        """Seconds still to go in the cells not in `measured` (cell -> part -> seconds it took): each part the mean
+        of the finished cells that share its key, else its calibrated seconds times how far the finished cells'
+        parts of that kind ran over or under theirs. The running cell counts less the time it has had (not below
+        zero)."""
+        done = [c for c in self.cells if c.name in measured]
+        factor = {}
+        for part in PARTS:
+            timed = [c for c in done if c.keys[part] is not None and c.seconds[part] > 0]
+            expected = sum(c.seconds[part] for c in timed)
+            took = sum(measured[c.name].get(part, 0.0) for c in timed)
+            factor[part] = took / expected if expected > 0 and took > 0 else 1.0
+        left = 0.0
+        for cell in self.cells:
+            if cell.name in measured:
+                continue
+            seconds = 0.0
+            for part in PARTS:
+                key = cell.keys[part]
+                if key is None:
+                    continue
+                alike = [measured[c.name].get(part, 0.0) for c in done if c.keys[part] == key]
+                seconds += statistics.fmean(alike) if alike else cell.seconds[part] * factor[part]
+            left += max(0.0, seconds - running_s) if cell.name == running else seconds
+        return left
+
+    def line(self) -> str:
+        return (f"estimate: about {minutes(self.at_start_s)} in all on {self.cpu}, {self.threads} "
+                f"thread{'s' if self.threads != 1 else ''} "
+                f"(calibrated in {duration(self.calibration_s)}; refined after each cell)")
+
+    def breakdown_lines(self) -> list[str]:
+        """The estimate part by part, for a log."""
+        lines = [f"  so far {duration(self.spent_s)}: loading the base model, calibrating"]
+        if self.baseline_s:
+            per_probe = ", ".join(f"{p} {duration(s)}" for p, s in self.probes.items())
+            lines.append(f"  baseline eval {duration(self.baseline_s)} ({per_probe})")
+        groups: dict[str, list[CellCost]] = {}
+        for cell in self.cells:
+            groups.setdefault(cell.group, []).append(cell)
+        for group, cells in groups.items():
+            parts = []
+            for part in PARTS:
+                total = sum(c.seconds[part] for c in cells)
+                built = sum(c.keys[part] is not None for c in cells)
+                if built:
+                    parts.append(f"{'train' if part == 'tune' else part} {duration(total / built)}")
+            lines.append(f"  {group} x {len(cells)}: " + ", ".join(parts) + " per cell")
+        return lines + [f"  note: {n}" for n in self.notes]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at_start_s": round(self.at_start_s, 1), "calibration_s": round(self.calibration_s, 1),
+                "cpu": self.cpu, "threads": self.threads,
+                "breakdown": {"spent_s": round(self.spent_s, 1), "baseline_eval_s": round(self.baseline_s, 1),
+                              "probes_s": {p: round(s, 1) for p, s in self.probes.items()},
+                              "cells": {c.name: {p: round(s, 1) for p, s in c.seconds.items()} for c in self.cells},
+                              "notes": self.notes},
+                "updates": [[n, round(s, 1)] for n, s in self.updates]}
+
+
+def minutes(seconds: float) -> str:
+    """"27 min" from a minute and a half on, "42 s" below."""
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else duration(seconds)
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """The global random states as they were: the calibration's sampling and training leave the run's draws alone."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _pair_tokens(model: ChatModel, pairs: Sequence[PreferencePair]) -> float | None:
+    """Mean tokens of a pair's two sequences (prompt text with each reply); None without pairs."""
+    if not pairs:
+        return None
+    counts = []
+    for p in pairs:
+        prompt = model.token_count("\n".join(m["content"] for m in p.prompt))
+        counts.append(2 * prompt + model.token_count(p.chosen) + model.token_count(p.rejected))
+    return statistics.fmean(counts)
+
+
+@dataclass
+class _Pairs:
+    """A context's pairs as calibrated: those built at the calibration size and what the full build should take."""
+
+    pairs: list  # PreferencePair, at the calibration size
+    seconds: float  # the full build
+    n: int  # pairs at full size
+    tokens: float | None  # mean tokens per pair
+
+
+@dataclass
+class _Training:
+    """A method's training as calibrated: fixed seconds per training, and seconds per token of a step."""
+
+    fixed_s: float
+    token_s: float
+
+
+def _time_training(spec: ExperimentSpec, context: str, method: str, pairs: list, tokens: float, work: Path, *,
+                   seed: int, clock: Callable[[], float]) -> _Training:
+    """CALIBRATION_STEPS real optimizer steps of the cell's training config on `pairs`, in `work`."""
+    from dpolab.data import write_pairs
+    from dpolab.training.loop import train
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = write_pairs(pairs, work / "pairs.jsonl")
+    cfg = spec.train_config(context, method, data=str(data), out=str(work / "train"), seed=seed)
+    cfg = cfg.model_copy(update={"max_steps": CALIBRATION_STEPS})
+    t0 = clock()
+    result = train(cfg)
+    wall = clock() - t0
+    step_s = min(cfg.batch_size / m["pairs_per_s"] for m in result.metrics)  # the steps after the warm-up
+    return _Training(fixed_s=max(0.0, wall - len(result.metrics) * step_s), token_s=step_s / (cfg.batch_size * tokens))
+
+
+def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, base: ChatModel,
+              baseline: EvalSummary | None = None, built: set[tuple[str, int]] = frozenset(),
+              clock: Callable[[], float] = time.perf_counter) -> Estimate:
+    """The estimate of the baseline eval (unless `baseline`, a resumed run's, gives its seconds) and of `cells`,
+    the cells still to run in order, timed on `base`, the run's base model.
+
+    built: (context, seed) whose pairs an earlier run built (cached: no time).
+    """
+    import torch
+
+    from dpolab.bench.hardware import cpu_label
+    from dpolab.contexts import CONTEXTS, build_pairs
+    from dpolab.contexts.placebo import parse_placebo, self_sft_pairs
+    from dpolab.experiment.spec import cell_name
+    from dpolab.losses import needs_reference
+    from dpolab.methods import METHOD_KINDS
+    from dpolab.probes.run import run_eval
+    from dpolab.training.loop import optimizer_steps
+
+    start = clock()
+    notes: list[str] = []
+    with _rng_kept(), tempfile.TemporaryDirectory(prefix="dpolab-estimate-") as tmp:
+        work = Path(tmp)
+        if baseline is not None:
+            probes = {p: s for p, s in baseline.wall_time_s.items() if p != "total"}
+            baseline_s = 0.0
+            notes.append("eval: the baseline's own seconds per probe")
+        else:
+            # the dry runs first: they pay the probes' one-time loads (a classifier, the toxicity scorer), which the
+            # timed run would otherwise scale up with the work
+            full, small = probe_work(spec, limit=None), probe_work(spec, limit=CALIBRATION_LIMIT)
+            timed = run_eval(base, probes=spec.probes.names, sizes=spec.probes.sizes,
+                             limit=_cap(CALIBRATION_LIMIT, spec.probes.limit), stance=spec.probes.stance, n_boot=DRY_BOOT)
+            probes = {p: scaled(timed.wall_time_s[p], full[p], small[p]) for p in full}
+            baseline_s = sum(probes.values())
+        eval_s = sum(probes.values())
+
+        sources: dict[str, _Pairs] = {}
+        placebos: dict[str, _Pairs] = {}
+        for context, _, seed in cells:
+            placebo = parse_placebo(context)
+            source = context if placebo is None else placebo[1]
+            if source not in sources:
+                options = spec.context_options(source, spec.probes.stance)
+                needs_model = CONTEXTS.get(source).needs_model
+                full = context_work(source, options, seed=seed, limit=None) if needs_model else 0.0
+                # a build that asks nothing of the model (a user's file, generated lotteries) is quick: built whole
+                limit = CALIBRATION_LIMIT if full else None
+                small = context_work(source, options, seed=seed, limit=limit) if full else 0.0
+                t0 = clock()
+                data = build_pairs(source, base if needs_model else None, options=options, seed=seed, limit=limit)
+                seconds = clock() - t0
+                if not data.pairs:
+                    notes.append(f"{source}: no pairs at the calibration size; counted as one")
+                sources[source] = _Pairs(list(data.pairs), scaled(seconds, full, small),
+                                         round(scaled(max(len(data.pairs), 1), full, small)), _pair_tokens(base, data.pairs))
+            if placebo is not None and placebo[0] == "self-sft" and source not in placebos:
+                got = sources[source]
+                t0 = clock()
+                sft = self_sft_pairs(got.pairs, base, seed=seed).pairs if got.pairs else []
+                per_pair = (clock() - t0) / max(len(got.pairs), 1)
+                placebos[source] = _Pairs(sft, per_pair * got.n, got.n, _pair_tokens(base, sft) or got.tokens)
+
+        known = [p.tokens for p in [*sources.values(), *placebos.values()] if p.tokens is not None]
+        for got in [*sources.values(), *placebos.values()]:  # a context without calibration pairs: the others' length
+            got.tokens = got.tokens if got.tokens is not None or not known else statistics.fmean(known)
+        trainings: dict[str, _Training] = {}
+        for context, method, seed in cells:
+            placebo = parse_placebo(context)
+            source = context if placebo is None else placebo[1]
+            got = placebos[source] if placebo is not None and placebo[0] == "self-sft" else sources[source]
+            if method in trainings or spec.method_kind(method) == "edit" or not got.pairs:
+                continue
+            trainings[method] = _time_training(spec, context, method, got.pairs, got.tokens, work / f"train-{method}",
+                                               seed=seed, clock=clock)
+
+        costs = []
+        pairs_built = set(built)
+        for context, method, seed in cells:
+            placebo = parse_placebo(context)
+            source = context if placebo is None else placebo[1]
+            self_sft = placebo is not None and placebo[0] == "self-sft"
+            got = placebos[source] if self_sft else sources[source]
+            if self_sft:
+                pairs_key, pairs_s = f"self-sft:{source}", got.seconds
+            elif (source, seed) not in pairs_built:
+                pairs_key, pairs_s = source, sources[source].seconds
+            else:
+                pairs_key, pairs_s = None, 0.0
+            pairs_built.add((source, seed))
+            kind = spec.method_kind(method)
+            tune_s = 0.0
+            if kind != "edit":
+                training = trainings.get(method) or next(iter(trainings.values()), None)
+                cfg = spec.train_config(context, method, data="-", out="-", seed=seed)
+                if training is not None and got.tokens is not None:
+                    pair_s = training.token_s * got.tokens
+                    reference = got.n * pair_s * REFERENCE_SHARE if needs_reference(cfg.loss) and \
+                        cfg.reference in ("auto", "cached") else 0.0
+                    tune_s = training.fixed_s + optimizer_steps(cfg, got.n) * cfg.batch_size * pair_s + reference
+                if kind in METHOD_KINDS:
+                    tune_s *= getattr(spec.methods[method].kind_options(), "rounds", 1)
+            explains = placebo is None and bool(spec.contexts[context].explain)
+            costs.append(CellCost(name=cell_name(context, method, seed),
+                                  seconds={"pairs": pairs_s, "tune": tune_s, "eval": eval_s},
+                                  keys={"pairs": pairs_key, "tune": f"{source}/{method}",
+                                        "eval": "eval, explain" if explains else "eval"},
+                                  group=f"{context}/{method}"))
+    kinds = {spec.method_kind(m) for _, m, _ in cells}
+    if "edit" in kinds:
+        notes.append("edit methods: not timed until their first cell has run")
+    if kinds & set(METHOD_KINDS.names()):
+        notes.append("curriculum, iterative and rl methods: their plain training times their rounds; their own "
+                     "sampling and judging not timed until their first cell has run")
+    if any(spec.contexts[c].explain for c, _, _ in cells if c in spec.contexts):
+        notes.append("explain: not timed until its first cell has run")
+    notes.append("results and report: not counted (seconds)")
+    return Estimate(cpu=cpu_label(), threads=torch.get_num_threads(), calibration_s=clock() - start, probes=probes,
+                    baseline_s=baseline_s, cells=costs, notes=notes)
