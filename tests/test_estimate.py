@@ -152,6 +152,7 @@ def test_run_states_its_estimate_refines_it_after_each_cell_and_resumes_with_the
     assert list(first["breakdown"]["cells"]) == ["length-biased-judge__dpo__s0"]
     assert first["breakdown"]["baseline_eval_s"] > 0
     assert [n for n, _ in first["updates"]] == [1] and first["updates"][0][1] > 0
+    assert f"at its start on {cpu_label()} (calibrated in " in (out / "report.html").read_text()  # and the report
 
     runner.run_experiment(spec, out, resume=True, progress=False)
     assert "] estimate: about " in capsys.readouterr().out

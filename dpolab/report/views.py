@@ -571,9 +571,13 @@ def timings(exp: Experiment, phases: Sequence[tuple[str, float]] | None) -> dict
         w = m.summary.wall_time_s if m.summary else {}
         if w:
             evals.append({"label": exp.label(m), "times": [num(w.get(p)) for p in probes], "total": num(w.get("total"))})
+    said = t.get("estimate") or {}  # the run's own estimate at its start (dpolab.experiment.estimate)
+    estimate = None if is_missing(said.get("at_start_s")) else {
+        "at_start_min": num(said["at_start_s"] / 60), "cpu": str(said.get("cpu") or "this machine"),
+        "calibration_s": num(said.get("calibration_s"))}
     return {"phases": phase_rows, "total_min": None if is_missing(total) else num(float(total) / 60),
             "budget_min": None if is_missing(t.get("budget_min")) else num(t["budget_min"]), "probes": probes,
-            "evals": evals}
+            "evals": evals, "estimate": estimate}
 
 
 def environment(exp: Experiment) -> list[tuple[str, str]]:
