@@ -170,8 +170,9 @@ def run(
                                  "ray (each cell a Ray task; the spec's `resources` sets its CPUs/GPUs)"),
     address: str = typer.Option(None, "--address", help="the Ray cluster to join (with --executor ray); default: "
                                 "start a local one"),
-    estimate: bool = typer.Option(True, "--estimate/--no-estimate", help="at the start, time the run's parts at small "
-                                  "sizes on this machine and say how long the whole run will take"),
+    estimate: bool = typer.Option(False, "--estimate/--no-estimate", help="at the start, time the run's parts at "
+                                  "small sizes on this machine and say how long the whole run will take (off by "
+                                  "default: on the quick spec it took 2m51s and said 44 min for a 7.7-min run)"),
 ) -> None:
     """Does DPO improve or harm the model? Train every (context, method, seed) cell, evaluate, compare, report."""
     import time
@@ -191,7 +192,7 @@ def run(
         again = "".join([" --quick" if quick else "", f" --preset {preset}" if preset else "",
                          f" --backend {backend}" if backend else "", " --int8" if int8 else "",
                          f" --executor {executor}" if executor != "local" else "",
-                         f" --address {address}" if address else "", "" if estimate else " --no-estimate"])
+                         f" --address {address}" if address else "", " --estimate" if estimate else ""])
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
                     + again, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None

@@ -45,7 +45,8 @@ def test_run_into_a_log_prints_plain_lines_per_phase_and_cell(tiny_model_dir, tm
     env = {**os.environ, "DPOLAB_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     # a real process with stdout and stderr in files, as `bash scripts/main.sh > run.log 2>&1`
     with open(tmp_path / "run.log", "w") as log, open(tmp_path / "err.log", "w") as err:
-        proc = subprocess.run([sys.executable, "-m", "dpolab", "run", str(path), "--out", str(tmp_path / "run")],
+        proc = subprocess.run([sys.executable, "-m", "dpolab", "run", str(path), "--out", str(tmp_path / "run"),
+                               "--estimate"],
                               stdout=log, stderr=err, env=env, timeout=900)
     out, err = (tmp_path / "run.log").read_text(), (tmp_path / "err.log").read_text()
     assert proc.returncode == 0, err[-3000:]
