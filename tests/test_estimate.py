@@ -7,12 +7,14 @@ import re
 
 import pytest
 
-from dpolab.experiment.estimate import CellCost, Estimate, Tally, calibrate, scaled
+from dpolab.experiment.estimate import CellCost, Costs, Estimate, Tally, calibrate, scaled
 from dpolab.models.fake import FakeChatModel
 from dpolab.probes.run import run_eval
 from tests.test_run import TINY_SIZES, tiny_spec, write_spec
 
-COST = 0.25  # seconds per unit of work on the clocked model (exact in binary, so sums stay exact)
+# a machine whose decode step of a full batch of 4 costs 2.5 of one reply's, and a token of a prompt or text 1/64 s
+# (exact in binary, so sums stay exact)
+COSTS = Costs(generate_batch=4, step_s=(0.5, 1.25), token_s=1 / 64)
 
 
 class Clock:
@@ -26,17 +28,17 @@ class Clock:
 
 
 class Clocked(Tally):
-    """FakeChatModel whose every request takes COST seconds per unit of work on `clock`: a machine whose costs are
-    known exactly."""
+    """FakeChatModel whose every request takes the seconds COSTS says on `clock`: a machine whose costs are known
+    exactly."""
 
     def __init__(self, clock: Clock):
-        super().__init__(FakeChatModel())
+        super().__init__(FakeChatModel(), COSTS)
         self.clock = clock
 
     def _timed(self, request, *args, **kwargs):
         before = self.total
         out = request(*args, **kwargs)
-        self.clock.now += COST * (self.total - before)
+        self.clock.now += self.total - before
         return out
 
     def generate(self, *args, **kwargs):
@@ -54,16 +56,29 @@ class Clocked(Tally):
 
 def test_tally_counts_each_probes_work_apart():
     fake = FakeChatModel()
-    tally = Tally(fake)
+    one_by_one = Costs(generate_batch=1, step_s=(1.0, 1.0), token_s=0.0)  # a decode step per reply, prompts free
+    tally = Tally(fake, one_by_one)
     run_eval(tally, probes="verbosity,toxicity", sizes=TINY_SIZES, n_boot=100)
     # generated token slots only, as the fake's own log has them: one count per probe
     slots = sum(len(c.conversations) * c.kwargs["max_new_tokens"] for c in fake.calls)
     assert tally.parts[-1] == 0 and sum(tally.parts) == slots
     for i, probe in enumerate(["verbosity", "toxicity"]):
-        alone = Tally(FakeChatModel())
+        alone = Tally(FakeChatModel(), one_by_one)
         run_eval(alone, probes=probe, sizes=TINY_SIZES, n_boot=100)
         assert tally.parts[i] == alone.total > 0
     assert scaled(3.0, full=40, small=4) == 30.0 and scaled(3.0, full=0, small=0) == 3.0
+
+
+def test_a_fuller_batch_and_a_longer_text_cost_more():
+    tally = Tally(FakeChatModel(), COSTS)  # the fake counts a word as a token
+    convs = [[{"role": "user", "content": "two words"}] for _ in range(6)]
+    tally.generate(convs, max_new_tokens=8)
+    # a batch of 4 (8 steps at 1.25 s) and one of 2 (8 steps at 0.5 + 0.75 / 3 s), and 12 prompt tokens
+    assert tally.total == 8 * 1.25 + 8 * 0.75 + 12 / 64
+    tally.score_texts(["one", "one two three"])
+    tally.score_continuations([[{"role": "user", "content": "a b"}]], [["c", "d e"]])
+    tally.next_token_logprobs([[{"role": "user", "content": "a b"}]], ["A", "B"], prefix="The")
+    assert tally.total == 8 * 1.25 + 8 * 0.75 + (12 + 4 + (3 + 4) + 3) / 64
 
 
 def test_the_eval_estimate_from_a_small_run_is_the_full_runs_time_on_a_machine_of_known_costs(monkeypatch, tmp_path):
@@ -77,15 +92,18 @@ def test_the_eval_estimate_from_a_small_run_is_the_full_runs_time_on_a_machine_o
     spec = load_spec(write_spec(tmp_path, {**tiny_spec("unused"), "probes": {
         "names": ["persuasion", "sycophancy", "toxicity", "verbosity", "knowledge"],
         "sizes": {**TINY_SIZES, "sycophancy": {"n_items": 12}, "toxicity": {"n_prompts": 9, "k": 2, "seeds": [0]}}}}))
-    estimate = calibrate(spec, [], base=Clocked(clock), clock=clock.perf_counter)
+    estimate = calibrate(spec, [], base=Clocked(clock), costs=COSTS, clock=clock.perf_counter)
     full = run_eval(Clocked(clock), probes=spec.probes.names, sizes=spec.probes.sizes, n_boot=100)
     assert set(estimate.probes) == set(spec.probes.names)
     for probe, seconds in estimate.probes.items():
-        assert seconds == pytest.approx(full.wall_time_s[probe], rel=1e-9), probe
+        assert seconds == pytest.approx(full.wall_time_s[probe], rel=1e-3), probe  # both rounded to 0.01 s
     assert estimate.probes["toxicity"] > 2 * estimate.probes["verbosity"] > 0  # the sizes differ, and so do times
     assert estimate.baseline_s == pytest.approx(sum(estimate.probes.values()))
+    # a trained model's eval reads stances as the baseline chose: no reader calibrated, never dearer
+    cells = estimate.costs["cell_eval_probes_s"]
+    assert all(cells[p] <= round(s, 1) + 0.05 for p, s in estimate.probes.items()) and cells["persuasion"] < estimate.probes["persuasion"]
     small = run_eval(Clocked(clock), probes=spec.probes.names, sizes=spec.probes.sizes, limit=2, n_boot=100)
-    assert estimate.calibration_s == pytest.approx(small.wall_time_s["total"])  # the small run, on the same clock
+    assert estimate.calibration_s == pytest.approx(small.wall_time_s["total"], abs=0.01)  # the small run, same clock
     assert estimate.cells == []
 
 

@@ -2,20 +2,29 @@
 full size and at a small calibration size, times this machine's seconds for that work, timed at the calibration size
 on the real base model; refined after each cell from the phases measured so far (dpolab.experiment.runner).
 
+Work is priced, not just counted (Costs, timed on the base first): a generate call runs in batches of the engine's
+size, each batch max_new_tokens decode steps whose cost grows with the batch (on 2 CPUs a step of 16 replies costs
+about 3 of one, so 16 times the replies is not 16 times the time), and every prompt or scored text costs its tokens.
+
 What is timed, and how it is scaled to the spec's sizes:
 - eval: the spec's probes run on the base at `--limit 2`; each probe's seconds times its work at full size over its
-  work at the calibration size (a resumed run whose baseline exists takes the baseline's own seconds instead);
-- pairs: each context built at `limit 2` on the base, scaled the same way, once per context and seed; a self-sft
-  placebo's samples timed on those pairs, per pair;
+  work at the calibration size (a resumed run whose baseline exists takes the baseline's own seconds instead). A
+  trained model's eval reads stances as the baseline chose, without calibrating a reader: its work is counted so;
+- pairs: each context built at `limit 2` on the base with that reader, scaled the same way, once per context and
+  seed; a self-sft placebo's samples timed on those pairs, per pair;
 - training: two optimizer steps of each method (the cell's train config, on a context's calibration pairs) give
   seconds per token of a step and the fixed cost of a training (loading, warm-up, saving); a cell's training is
   that fixed cost, its steps at its pairs' tokens, and a forward pass over its pairs for a cached reference.
   A method of a registered kind (dpolab.methods) counts as its plain training times its rounds (its own sampling
   and judging are not timed); an edit is not timed at all. Both are refined once a cell of theirs has run.
+
+What it cannot see: how many pairs a context keeps at full size (two items' worth, scaled, is a guess; at --quick
+sizes it is often off by half), and other work sharing the CPU.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -39,15 +48,44 @@ DRY_BOOT = 100  # bootstrap resamples where the metrics are thrown away (dry run
 PARTS = ("pairs", "tune", "eval")  # a cell's phases as the estimate prices them
 
 
+@dataclass(frozen=True)
+class Costs:
+    """What the model's requests cost on this machine, timed on the base model with the engine's batch sizes: what
+    makes one request dearer than another of the same count (a longer text, a fuller batch).
+
+    generate_batch: conversations the engine generates together (the spec's probes.batch_size).
+    step_s: seconds of one decode step for a batch of one and for a full batch; a batch in between costs in
+        proportion (a step of 16 replies costs about 3 of one reply here, not 16).
+    token_s: seconds per token of a prompt or scored text (a forward pass).
+    """
+
+    generate_batch: int
+    step_s: tuple[float, float]
+    token_s: float
+
+    def step(self, batch: int) -> float:
+        one, full = self.step_s
+        if self.generate_batch <= 1:
+            return one
+        return one + (full - one) * (batch - 1) / (self.generate_batch - 1)
+
+
+def _text(conversation) -> str:
+    return "\n".join(m["content"] for m in conversation)
+
+
 class Tally:
-    """A ChatModel that passes every request on to `model` and counts the work in it: one unit per generated token
-    slot (conversations x max_new_tokens), scored candidate, next-token reading or scored text.
+    """A ChatModel that passes every request on to `model` and adds up what it would cost under `costs`: each
+    generate call in batches of costs.generate_batch, each batch max_new_tokens decode steps of its size and its
+    prompts' tokens; each scored candidate, next-token reading or text its tokens. Tokens are counted by `count`
+    (the real model's tokenizer, when `model` is a fake).
 
     run_eval clears a model's cache after each probe; the tally starts a new count there, so `parts` holds one
     count per probe, in run order."""
 
-    def __init__(self, model: ChatModel):
-        self.model = model
+    def __init__(self, model: ChatModel, costs: Costs, count: Callable[[str], int] | None = None):
+        self.model, self.costs = model, costs
+        self.count = count or model.token_count
         self.parts: list[float] = [0.0]
 
     def __getattr__(self, name: str) -> Any:  # name, format, backend: the model's own
@@ -57,20 +95,26 @@ class Tally:
     def total(self) -> float:
         return sum(self.parts)
 
+    def _tokens(self, texts) -> float:
+        return self.costs.token_s * sum(self.count(t) for t in texts)
+
     def generate(self, conversations, *, max_new_tokens: int, **kwargs):
-        self.parts[-1] += len(conversations) * max_new_tokens
+        size = max(1, self.costs.generate_batch)
+        for start in range(0, len(conversations), size):
+            batch = conversations[start:start + size]
+            self.parts[-1] += max_new_tokens * self.costs.step(len(batch)) + self._tokens(_text(c) for c in batch)
         return self.model.generate(conversations, max_new_tokens=max_new_tokens, **kwargs)
 
     def score_continuations(self, conversations, continuations):
-        self.parts[-1] += sum(len(c) for c in continuations)
+        self.parts[-1] += self._tokens(f"{_text(c)} {t}" for c, texts in zip(conversations, continuations) for t in texts)
         return self.model.score_continuations(conversations, continuations)
 
     def next_token_logprobs(self, conversations, candidates, *, prefix: str = ""):
-        self.parts[-1] += len(conversations)
+        self.parts[-1] += self._tokens(f"{_text(c)} {prefix}" for c in conversations)
         return self.model.next_token_logprobs(conversations, candidates, prefix=prefix)
 
     def score_texts(self, texts):
-        self.parts[-1] += len(texts)
+        self.parts[-1] += self._tokens(texts)
         return self.model.score_texts(texts)
 
     def token_count(self, text: str) -> int:
@@ -82,6 +126,29 @@ class Tally:
             self.model.clear_cache()
 
 
+COUNTING = "Count from 1 to 1000, one number after another, and do not stop."  # a prompt the model keeps answering
+STEPS = 24  # decode steps of each timed generate call
+
+
+def measure_costs(base: ChatModel, *, generate_batch: int, clock: Callable[[], float] = time.perf_counter) -> Costs:
+    """Costs timed on `base`: generate calls of one and of a full batch, and a forward pass over a few texts."""
+    def step_s(batch: int) -> float:
+        convs = [[{"role": "user", "content": f"{COUNTING} ({i})"}] for i in range(batch)]
+        t0 = clock()
+        out = base.generate(convs, max_new_tokens=STEPS)
+        return (clock() - t0) / max(1, max(g.n_tokens for g in out))
+
+    step_s(1)  # warm-up: the first call of a shape pays for allocations
+    steps = (step_s(1), step_s(max(1, generate_batch)))
+    texts = [f"{COUNTING} " + " ".join(str(n) for n in range(i, i + 150)) for i in range(8)]
+    t0 = clock()
+    base.score_texts(texts)
+    token_s = (clock() - t0) / max(1, sum(base.token_count(t) for t in texts))
+    if hasattr(base, "clear_cache"):
+        base.clear_cache()
+    return Costs(generate_batch=generate_batch, step_s=steps, token_s=token_s)
+
+
 def scaled(seconds: float, full: float, small: float) -> float:
     """Seconds timed at the small size, at full size: in proportion to the work (as is, when there was none)."""
     return seconds * full / small if small > 0 else seconds
@@ -91,25 +158,28 @@ def _cap(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-def probe_work(spec: ExperimentSpec, *, limit: int | None) -> dict[str, float]:
-    """The work each of the spec's probes asks at its sizes (capped by `limit`), counted on FakeChatModel: no model
-    runs, only the probes' own code (e.g. the toxicity scorer)."""
+def probe_work(spec: ExperimentSpec, costs: Costs, *, limit: int | None, count: Callable[[str], int] | None = None,
+               stance: str | None = None) -> dict[str, float]:
+    """The work each of the spec's probes asks at its sizes (capped by `limit`) under `costs`, counted on
+    FakeChatModel: no model runs, only the probes' own code (e.g. the toxicity scorer). stance: the reader, if not
+    the spec's (a trained model's eval reads stances as the baseline chose, without calibrating)."""
     from dpolab.models.fake import FakeChatModel
     from dpolab.probes.run import parse_probes, run_eval
 
     names = parse_probes(spec.probes.names)
-    tally = Tally(FakeChatModel())
+    tally = Tally(FakeChatModel(), costs, count)
     run_eval(tally, probes=names, sizes=spec.probes.sizes, limit=_cap(limit, spec.probes.limit),
-             stance=spec.probes.stance, n_boot=DRY_BOOT)
+             stance=stance or spec.probes.stance, n_boot=DRY_BOOT)
     return dict(zip(names, tally.parts))
 
 
-def context_work(source: str, options: dict[str, Any], *, seed: int, limit: int | None) -> float:
-    """The work a context's build asks at its sizes (capped by `limit`), counted on FakeChatModel."""
+def context_work(source: str, options: dict[str, Any], costs: Costs, *, seed: int, limit: int | None,
+                 count: Callable[[str], int] | None = None) -> float:
+    """The work a context's build asks at its sizes (capped by `limit`) under `costs`, counted on FakeChatModel."""
     from dpolab.contexts import build_pairs
     from dpolab.models.fake import FakeChatModel
 
-    tally = Tally(FakeChatModel())
+    tally = Tally(FakeChatModel(), costs, count)
     build_pairs(source, tally, options=options, seed=seed, limit=limit)
     return tally.total
 
@@ -133,10 +203,11 @@ class Estimate:
     cpu: str
     threads: int
     calibration_s: float
-    probes: dict[str, float]  # eval seconds per probe, at the spec's sizes
+    probes: dict[str, float]  # the baseline eval's seconds per probe, at the spec's sizes
     baseline_s: float  # the baseline eval still to run (0 when a resumed run has it)
     cells: list[CellCost]
     spent_s: float = 0.0  # the run's time before the estimate was made: loading the base, calibrating
+    costs: dict[str, Any] = field(default_factory=dict)  # what was timed (Costs, each method's training), for the record
     notes: list[str] = field(default_factory=list)
     updates: list[tuple[int, float]] = field(default_factory=list)  # (cells finished in the grid, total seconds)
 
@@ -200,6 +271,7 @@ class Estimate:
                 "cpu": self.cpu, "threads": self.threads,
                 "breakdown": {"spent_s": round(self.spent_s, 1), "baseline_eval_s": round(self.baseline_s, 1),
                               "probes_s": {p: round(s, 1) for p, s in self.probes.items()},
+                              "costs": self.costs,
                               "cells": {c.name: {p: round(s, 1) for p, s in c.seconds.items()} for c in self.cells},
                               "notes": self.notes},
                 "updates": [[n, round(s, 1)] for n, s in self.updates]}
@@ -275,11 +347,12 @@ def _time_training(spec: ExperimentSpec, context: str, method: str, pairs: list,
 
 def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, base: ChatModel,
               baseline: EvalSummary | None = None, built: set[tuple[str, int]] = frozenset(),
-              clock: Callable[[], float] = time.perf_counter) -> Estimate:
+              costs: Costs | None = None, clock: Callable[[], float] = time.perf_counter) -> Estimate:
     """The estimate of the baseline eval (unless `baseline`, a resumed run's, gives its seconds) and of `cells`,
     the cells still to run in order, timed on `base`, the run's base model.
 
     built: (context, seed) whose pairs an earlier run built (cached: no time).
+    costs: what requests cost on this machine; default timed on `base` (measure_costs).
     """
     import torch
 
@@ -296,19 +369,25 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
     notes: list[str] = []
     with _rng_kept(), tempfile.TemporaryDirectory(prefix="dpolab-estimate-") as tmp:
         work = Path(tmp)
+        costs = costs or measure_costs(base, generate_batch=spec.probes.batch_size, clock=clock)
+        count = base.token_count
+        # the dry runs first: they pay the probes' one-time loads (a classifier, the toxicity scorer), which the
+        # timed run would otherwise scale up with the work
+        full = probe_work(spec, costs, limit=None, count=count)
         if baseline is not None:
             probes = {p: s for p, s in baseline.wall_time_s.items() if p != "total"}
-            baseline_s = 0.0
+            reader, baseline_s = baseline.stance_reader(), 0.0
             notes.append("eval: the baseline's own seconds per probe")
         else:
-            # the dry runs first: they pay the probes' one-time loads (a classifier, the toxicity scorer), which the
-            # timed run would otherwise scale up with the work
-            full, small = probe_work(spec, limit=None), probe_work(spec, limit=CALIBRATION_LIMIT)
+            small = probe_work(spec, costs, limit=CALIBRATION_LIMIT, count=count)
             timed = run_eval(base, probes=spec.probes.names, sizes=spec.probes.sizes,
                              limit=_cap(CALIBRATION_LIMIT, spec.probes.limit), stance=spec.probes.stance, n_boot=DRY_BOOT)
             probes = {p: scaled(timed.wall_time_s[p], full[p], small[p]) for p in full}
-            baseline_s = sum(probes.values())
-        eval_s = sum(probes.values())
+            reader, baseline_s = timed.stance_reader(), sum(probes.values())
+        # a cell's eval reads stances as the baseline chose, without calibrating a reader first
+        cell_work = probe_work(spec, costs, limit=None, count=count, stance=reader) if reader else full
+        cell_probes = {p: scaled(s, cell_work.get(p, 0.0), full.get(p, 0.0)) for p, s in probes.items()}
+        eval_s = sum(cell_probes.values())
 
         sources: dict[str, _Pairs] = {}
         placebos: dict[str, _Pairs] = {}
@@ -316,12 +395,12 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
             placebo = parse_placebo(context)
             source = context if placebo is None else placebo[1]
             if source not in sources:
-                options = spec.context_options(source, spec.probes.stance)
+                options = spec.context_options(source, reader or spec.probes.stance)  # as the run will build it
                 needs_model = CONTEXTS.get(source).needs_model
-                full = context_work(source, options, seed=seed, limit=None) if needs_model else 0.0
+                full = context_work(source, options, costs, seed=seed, limit=None, count=count) if needs_model else 0.0
                 # a build that asks nothing of the model (a user's file, generated lotteries) is quick: built whole
                 limit = CALIBRATION_LIMIT if full else None
-                small = context_work(source, options, seed=seed, limit=limit) if full else 0.0
+                small = context_work(source, options, costs, seed=seed, limit=limit, count=count) if full else 0.0
                 t0 = clock()
                 data = build_pairs(source, base if needs_model else None, options=options, seed=seed, limit=limit)
                 seconds = clock() - t0
@@ -349,7 +428,7 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
             trainings[method] = _time_training(spec, context, method, got.pairs, got.tokens, work / f"train-{method}",
                                                seed=seed, clock=clock)
 
-        costs = []
+        cell_costs = []
         pairs_built = set(built)
         for context, method, seed in cells:
             placebo = parse_placebo(context)
@@ -376,11 +455,11 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
                 if kind in METHOD_KINDS:
                     tune_s *= getattr(spec.methods[method].kind_options(), "rounds", 1)
             explains = placebo is None and bool(spec.contexts[context].explain)
-            costs.append(CellCost(name=cell_name(context, method, seed),
-                                  seconds={"pairs": pairs_s, "tune": tune_s, "eval": eval_s},
-                                  keys={"pairs": pairs_key, "tune": f"{source}/{method}",
-                                        "eval": "eval, explain" if explains else "eval"},
-                                  group=f"{context}/{method}"))
+            cell_costs.append(CellCost(name=cell_name(context, method, seed),
+                                       seconds={"pairs": pairs_s, "tune": tune_s, "eval": eval_s},
+                                       keys={"pairs": pairs_key, "tune": f"{source}/{method}",
+                                             "eval": "eval, explain" if explains else "eval"},
+                                       group=f"{context}/{method}"))
     kinds = {spec.method_kind(m) for _, m, _ in cells}
     if "edit" in kinds:
         notes.append("edit methods: not timed until their first cell has run")
@@ -390,5 +469,7 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
     if any(spec.contexts[c].explain for c, _, _ in cells if c in spec.contexts):
         notes.append("explain: not timed until its first cell has run")
     notes.append("results and report: not counted (seconds)")
+    record = {"requests": dataclasses.asdict(costs), "training": {m: dataclasses.asdict(t) for m, t in trainings.items()},
+              "cell_eval_probes_s": {p: round(s, 1) for p, s in cell_probes.items()}}
     return Estimate(cpu=cpu_label(), threads=torch.get_num_threads(), calibration_s=clock() - start, probes=probes,
-                    baseline_s=baseline_s, cells=costs, notes=notes)
+                    baseline_s=baseline_s, cells=cell_costs, notes=notes, costs=record)
