@@ -159,7 +159,7 @@ def test_run_states_its_estimate_refines_it_after_each_cell_and_resumes_with_the
     data["probes"] = {"names": ["verbosity", "toxicity"], "sizes": TINY_SIZES}
     spec = load_spec(write_spec(tmp_path, data))
     out = tmp_path / "run"
-    runner.run_experiment(spec, out, progress=False, stop_after_cells=1)
+    runner.run_experiment(spec, out, progress=False, stop_after_cells=1, estimate=True)
     log = capsys.readouterr().out  # not a terminal: a log
     said = [x for x in log.splitlines() if "] estimate: " in x]
     assert len(said) == 1 and re.search(r"estimate: about .+ in all on " + re.escape(cpu_label())
@@ -172,7 +172,7 @@ def test_run_states_its_estimate_refines_it_after_each_cell_and_resumes_with_the
     assert [n for n, _ in first["updates"]] == [1] and first["updates"][0][1] > 0
     assert f"at its start on {cpu_label()} (calibrated in " in (out / "report.html").read_text()  # and the report
 
-    runner.run_experiment(spec, out, resume=True, progress=False)
+    runner.run_experiment(spec, out, resume=True, progress=False, estimate=True)
     assert "] estimate: about " in capsys.readouterr().out
     again = _timings(out)["estimate"]
     baseline = EvalSummary.read(out / "baseline" / "summary.json")
