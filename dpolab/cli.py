@@ -173,6 +173,8 @@ def run(
     estimate: bool = typer.Option(False, "--estimate/--no-estimate", help="at the start, time the run's parts at "
                                   "small sizes on this machine and say how long the whole run will take (off by "
                                   "default: on the quick spec it took 2m51s and said 44 min for a 7.7-min run)"),
+    fmt: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP + "; with markdown, csv or json the "
+                               "progress lines go to stderr and stdout holds only the summary"),
 ) -> None:
     """Does DPO improve or harm the model? Train every (context, method, seed) cell, evaluate, compare, report."""
     import time
@@ -187,18 +189,19 @@ def run(
     out = out or f"runs/experiment-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         report = run_experiment(loaded, out, resume=resume, quick=quick, executor=executor, address=address,
-                                estimate=estimate)
+                                estimate=estimate, log=None if fmt == Format.TABLE else sys.stderr)
     except KeyboardInterrupt:
         again = "".join([" --quick" if quick else "", f" --preset {preset}" if preset else "",
                          f" --backend {backend}" if backend else "", " --int8" if int8 else "",
                          f" --executor {executor}" if executor != "local" else "",
-                         f" --address {address}" if address else "", " --estimate" if estimate else ""])
+                         f" --address {address}" if address else "", " --estimate" if estimate else "",
+                         f" --format {fmt.value}" if fmt != Format.TABLE else ""])
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
                     + again, fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
     from dpolab.experiment.summary import print_summary
 
-    print_summary(report.rows)  # `dpolab show OUT` prints it again, in any --format
+    print_summary(report.rows, fmt=fmt)  # `dpolab show OUT` prints it again, in any --format
 
 
 def _behaviour_help() -> str:
@@ -250,6 +253,22 @@ def compare(
     from dpolab.experiment.summary import compare_runs
 
     compare_runs(dir_a, dir_b, show_all=all_rows, fmt=fmt)
+
+
+@app.command()
+def contrast(
+    run_dir: str = typer.Argument(..., help="a finished experiment folder"),
+    a: str = typer.Argument(..., help="a method of the run as CONTEXT/METHOD, e.g. detox/curry"),
+    b: str = typer.Argument(..., help="the method to set it against, e.g. detox/curry-single"),
+    all_rows: bool = typer.Option(False, "--all", help="every metric, not only the matrix's behaviours"),
+    fmt: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP),
+    n_boot: int = typer.Option(None, "--n-boot", min=100, help="bootstrap resamples (default: the run's)"),
+) -> None:
+    """A against B in one run: the paired change over the same test items, matched by training seed, with 95% CIs
+    and q-values (is Curry-DPO better than single-pair DPO, not just each better than the baseline?)."""
+    from dpolab.experiment.contrast import contrast as run_contrast, print_contrast
+
+    print_contrast(run_contrast(run_dir, a, b, n_boot=n_boot), fmt=fmt, show_all=all_rows)
 
 
 @app.command()

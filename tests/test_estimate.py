@@ -15,6 +15,8 @@ from tests.test_run import TINY_SIZES, tiny_spec, write_spec
 # a machine whose decode step of a full batch of 4 costs 2.5 of one reply's, and a token of a prompt or text 1/64 s
 # (exact in binary, so sums stay exact)
 COSTS = Costs(generate_batch=4, step_s=(0.5, 1.25), token_s=1 / 64)
+# the same with a fixed cost per scoring pass of 3 rows: two items' many small passes cost more than their tokens
+PASSES = Costs(generate_batch=4, step_s=(0.5, 1.25), token_s=1 / 64, pass_s=0.25, score_batch=3)
 
 
 class Clock:
@@ -31,8 +33,8 @@ class Clocked(Tally):
     """FakeChatModel whose every request takes the seconds COSTS says on `clock`: a machine whose costs are known
     exactly."""
 
-    def __init__(self, clock: Clock):
-        super().__init__(FakeChatModel(), COSTS)
+    def __init__(self, clock: Clock, costs: Costs = COSTS):
+        super().__init__(FakeChatModel(), costs)
         self.clock = clock
 
     def _timed(self, request, *args, **kwargs):
@@ -81,7 +83,29 @@ def test_a_fuller_batch_and_a_longer_text_cost_more():
     assert tally.total == 8 * 1.25 + 8 * 0.75 + (12 + 4 + (3 + 4) + 3) / 64
 
 
-def test_the_eval_estimate_from_a_small_run_is_the_full_runs_time_on_a_machine_of_known_costs(monkeypatch, tmp_path):
+def test_a_scoring_call_pays_for_its_passes():
+    tally = Tally(FakeChatModel(), PASSES)
+    tally.score_texts(["a"] * 7)  # 7 rows in passes of 3: 3 passes
+    assert tally.total == 3 * 0.25 + 7 / 64
+    tally.generate([[{"role": "user", "content": "a b"}]], max_new_tokens=2)  # a prompt's prefill is in the steps
+    assert tally.total == 3 * 0.25 + 7 / 64 + 2 * 0.5 + 2 / 64
+
+
+def test_measured_costs_separate_the_pass_from_the_tokens():
+    """On a machine whose scoring call costs passes * pass_s + tokens * token_s, measure_costs finds both."""
+    from dpolab.experiment.estimate import measure_costs
+
+    clock = Clock()
+    base = Clocked(clock, PASSES)
+    base.score_batch_size = PASSES.score_batch
+    costs = measure_costs(base, generate_batch=4, clock=clock.perf_counter)
+    assert costs.pass_s == pytest.approx(PASSES.pass_s, abs=1e-9) and costs.token_s == pytest.approx(PASSES.token_s)
+    assert costs.score_batch == PASSES.score_batch
+
+
+@pytest.mark.parametrize("costs", [COSTS, PASSES], ids=["tokens", "tokens-and-passes"])
+def test_the_eval_estimate_from_a_small_run_is_the_full_runs_time_on_a_machine_of_known_costs(monkeypatch, tmp_path,
+                                                                                               costs):
     """Timed at --limit 2 and scaled by the work counted at both sizes, each probe's estimate is what the full-size
     eval then takes, when the machine's time is proportional to the work."""
     import dpolab.probes.run as run_mod
@@ -92,8 +116,8 @@ def test_the_eval_estimate_from_a_small_run_is_the_full_runs_time_on_a_machine_o
     spec = load_spec(write_spec(tmp_path, {**tiny_spec("unused"), "probes": {
         "names": ["persuasion", "sycophancy", "toxicity", "verbosity", "knowledge"],
         "sizes": {**TINY_SIZES, "sycophancy": {"n_items": 12}, "toxicity": {"n_prompts": 9, "k": 2, "seeds": [0]}}}}))
-    estimate = calibrate(spec, [], base=Clocked(clock), costs=COSTS, clock=clock.perf_counter)
-    full = run_eval(Clocked(clock), probes=spec.probes.names, sizes=spec.probes.sizes, n_boot=100)
+    estimate = calibrate(spec, [], base=Clocked(clock, costs), costs=costs, clock=clock.perf_counter)
+    full = run_eval(Clocked(clock, costs), probes=spec.probes.names, sizes=spec.probes.sizes, n_boot=100)
     assert set(estimate.probes) == set(spec.probes.names)
     for probe, seconds in estimate.probes.items():
         assert seconds == pytest.approx(full.wall_time_s[probe], rel=1e-3), probe  # both rounded to 0.01 s
@@ -102,7 +126,7 @@ def test_the_eval_estimate_from_a_small_run_is_the_full_runs_time_on_a_machine_o
     # a trained model's eval reads stances as the baseline chose: no reader calibrated, never dearer
     cells = estimate.costs["cell_eval_probes_s"]
     assert all(cells[p] <= round(s, 1) + 0.05 for p, s in estimate.probes.items()) and cells["persuasion"] < estimate.probes["persuasion"]
-    small = run_eval(Clocked(clock), probes=spec.probes.names, sizes=spec.probes.sizes, limit=2, n_boot=100)
+    small = run_eval(Clocked(clock, costs), probes=spec.probes.names, sizes=spec.probes.sizes, limit=2, n_boot=100)
     assert estimate.calibration_s == pytest.approx(small.wall_time_s["total"], abs=0.01)  # the small run, same clock
     assert estimate.cells == []
 

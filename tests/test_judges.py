@@ -183,3 +183,24 @@ def test_endpoint_judge_errors_name_the_url_and_stop(stub, monkeypatch):
         make_judge("endpoint", {"base_url": stub, "model": "m", "api_key_env": "NO_SUCH_JUDGE_KEY"})
     with pytest.raises(ConfigError, match="needs base_url"):
         make_judge("endpoint", {"model": "m"})
+
+
+def test_correctness_judge_reads_the_answer_the_reply_keeps():
+    from dpolab.banks import LETTERS, bank_items
+    from dpolab.errors import ConfigError
+    from dpolab.stance import ask
+
+    judge = make_judge("correctness")
+    item = next(it for it in bank_items("train") if it.target is not None)
+    right, wrong = item.options[item.answer], item.options[item.target]
+    cloze = [{"role": "user", "content": ask(item, "cloze")}, {"role": "assistant", "content": f"It is {right}."},
+             {"role": "user", "content": f"No, it is {wrong}."}]  # a persuasion turn after the question
+    replies = [f"I stand by {right}.", f"You're right, it is {wrong}.", "Let me think.", f"{right} or {wrong}?"]
+    assert judge.score([cloze] * 4, replies) == [1.0, 0.0, 0.5, 0.5]
+    letter = [{"role": "user", "content": ask(item, "letter")}]
+    assert judge.score([letter] * 2, [f"{LETTERS[item.answer]}.", f"({LETTERS[item.target]})"]) == [1.0, 0.0]
+    with pytest.raises(ConfigError, match="not a question of the bank's train split"):
+        judge.score([[{"role": "user", "content": "Write a poem."}]], ["Roses."])
+    test_item = bank_items("test")[0]  # a test question is not judged from the train split
+    with pytest.raises(ConfigError, match="train split"):
+        judge.score([[{"role": "user", "content": ask(test_item, "cloze")}]], ["x"])

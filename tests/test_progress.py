@@ -73,6 +73,38 @@ def test_run_into_a_log_prints_plain_lines_per_phase_and_cell(tiny_model_dir, tm
     assert len(timed) == 8 and timed[0] == "baseline eval" and timed[-1] == "results"
 
 
+def test_run_with_format_csv_keeps_stdout_for_the_summary(tiny_model_dir, tmp_path):
+    """`dpolab run --format csv > out.csv`: stdout is the matrix as csv and nothing else; the progress lines go to
+    stderr."""
+    import csv
+
+    from dpolab.cli import app
+    from dpolab.experiment.summary import MATRIX_COLUMNS
+
+    spec = {"model": str(tiny_model_dir), "train": {"lr": 1e-3, "batch_size": 2, "max_steps": 1, "save_every": 1000},
+            "methods": {"dpo": {"loss": "dpo"}},
+            "contexts": {"length-biased-judge": {"methods": ["dpo"], "placebos": ["shuffled"],
+                                                 "options": {"n_instructions": 6, "max_new_tokens": 40}}},
+            "probes": {"names": ["verbosity", "toxicity"], "sizes": TINY_SIZES}, "n_boot": 200}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "DPOLAB_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dpolab", "run", str(path), "--out", str(tmp_path / "run"),
+                           "--format", "csv"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert list(records[0]) == MATRIX_COLUMNS
+    # every cell against the baseline, and the real cell against its placebo: one row per cell, behaviour and
+    # comparison, the same rows `dpolab show RUN --format csv` prints
+    against = {(r["context"], r["method"], r["against"]) for r in records}
+    assert ("length-biased-judge", "dpo", "baseline") in against and ("length-biased-judge", "dpo", "placebo") in against
+    shown = CliRunner().invoke(app, ["show", str(tmp_path / "run"), "--format", "csv"])
+    assert shown.exit_code == 0 and shown.output == proc.stdout
+    assert not stamped(proc.stdout)
+    assert any("baseline eval done in" in line for line in stamped(proc.stderr))
+    no_bars(proc.stdout)
+
+
 class Clock:
     """A stand-in for the time module in dpolab.progress: the test moves it, so throttling and estimates are exact."""
 

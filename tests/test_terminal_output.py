@@ -235,3 +235,21 @@ def test_nan_survives_every_format():
     assert json.loads(as_json)[0]["delta"] is None  # JSON has no NaN
     as_csv = printed(lambda c: print_summary(rows, c, fmt="csv"), width=80, terminal=False)
     assert next(csv.DictReader(io.StringIO(as_csv)))["delta"] == ""
+
+
+def test_q_and_n_stay_together_when_the_numbers_line_is_full():
+    """At 80 columns a long numbers line keeps q and n together on their own line; a short one keeps them on it."""
+    wide = row(context="detox", method="profs", seed=None, probe="knowledge", metric="perplexity", baseline=13.2,
+               value=-18123.21234, delta=-18136.41234, delta_ci_low=-18232.0123, delta_ci_high=-18030.0123, n=1234,
+               q_value=0.00123, verdict=Verdict.HARMED)
+    short = row(context="detox", method="dpo", seed=None, probe="toxicity", metric="mean_score", baseline=0.1,
+                value=0.2, delta=0.1, delta_ci_low=0.05, delta_ci_high=0.15, n=32, q_value=0.01,
+                verdict=Verdict.HARMED)
+    for r, alone in ((wide, True), (short, False)):
+        lines = printed(lambda c: print_summary([r], c), width=80, terminal=False).splitlines()
+        numbers = next(i for i, line in enumerate(lines) if line.startswith("      ") and "Δ" in line)
+        assert all(len(line) <= 80 for line in lines)
+        if alone:
+            assert "n=" not in lines[numbers] and lines[numbers + 1].strip() == "q=0.0012 n=1234", lines
+        else:
+            assert lines[numbers].endswith("q=0.01 n=32"), lines

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -57,11 +58,20 @@ class Costs:
     step_s: seconds of one decode step for a batch of one and for a full batch; a batch in between costs in
         proportion (a step of 16 replies costs about 3 of one reply here, not 16).
     token_s: seconds per token of a prompt or scored text (a forward pass).
+    pass_s, score_batch: a scoring call runs its texts in passes of score_batch rows, and each pass costs pass_s
+        besides its tokens (a pass through 30 layers for a few short rows is mostly this): timed at two sizes,
+        so two items' many small passes are not scaled up as if they were tokens.
     """
 
     generate_batch: int
     step_s: tuple[float, float]
     token_s: float
+    pass_s: float = 0.0
+    score_batch: int = 16
+
+    def scoring(self, n_texts: int, tokens: float) -> float:
+        """Seconds of one scoring call of `n_texts` texts holding `tokens` tokens in all."""
+        return self.token_s * tokens + self.pass_s * math.ceil(n_texts / max(1, self.score_batch))
 
     def step(self, batch: int) -> float:
         one, full = self.step_s
@@ -96,13 +106,16 @@ class Tally:
         return sum(self.parts)
 
     def _tokens(self, texts) -> float:
-        return self.costs.token_s * sum(self.count(t) for t in texts)
+        """A scoring call over `texts`: their tokens and its passes."""
+        texts = list(texts)
+        return self.costs.scoring(len(texts), sum(self.count(t) for t in texts))
 
     def generate(self, conversations, *, max_new_tokens: int, **kwargs):
         size = max(1, self.costs.generate_batch)
         for start in range(0, len(conversations), size):
             batch = conversations[start:start + size]
-            self.parts[-1] += max_new_tokens * self.costs.step(len(batch)) + self._tokens(_text(c) for c in batch)
+            prompt = self.costs.token_s * sum(self.count(_text(c)) for c in batch)  # the prefill: one pass, in the steps
+            self.parts[-1] += max_new_tokens * self.costs.step(len(batch)) + prompt
         return self.model.generate(conversations, max_new_tokens=max_new_tokens, **kwargs)
 
     def score_continuations(self, conversations, continuations):
@@ -138,15 +151,26 @@ def measure_costs(base: ChatModel, *, generate_batch: int, clock: Callable[[], f
         out = base.generate(convs, max_new_tokens=STEPS)
         return (clock() - t0) / max(1, max(g.n_tokens for g in out))
 
+    def score_s(texts: list[str]) -> float:
+        t0 = clock()
+        base.score_texts(texts)
+        return clock() - t0
+
     step_s(1)  # warm-up: the first call of a shape pays for allocations
     steps = (step_s(1), step_s(max(1, generate_batch)))
-    texts = [f"{COUNTING} " + " ".join(str(n) for n in range(i, i + 150)) for i in range(8)]
-    t0 = clock()
-    base.score_texts(texts)
-    token_s = (clock() - t0) / max(1, sum(base.token_count(t) for t in texts))
+    score_batch = max(1, int(getattr(base, "score_batch_size", None) or generate_batch))
+    long = [f"{COUNTING} " + " ".join(str(n) for n in range(i, i + 150)) for i in range(8)]
+    short = ["Yes."]
+    score_s(short)  # warm-up
+    # t = passes * pass_s + tokens * token_s at two sizes: one short text (a pass, few tokens) and eight long ones
+    t_short, t_long = min(score_s(short) for _ in range(3)), score_s(long)
+    n_short, n_long = (sum(base.token_count(t) for t in texts) for texts in (short, long))
+    p_long = math.ceil(len(long) / score_batch)
+    token_s = max((t_long - p_long * t_short) / max(1, n_long - p_long * n_short), t_long / max(1, n_long) / 10)
+    pass_s = max(0.0, t_short - n_short * token_s)
     if hasattr(base, "clear_cache"):
         base.clear_cache()
-    return Costs(generate_batch=generate_batch, step_s=steps, token_s=token_s)
+    return Costs(generate_batch=generate_batch, step_s=steps, token_s=token_s, pass_s=pass_s, score_batch=score_batch)
 
 
 def scaled(seconds: float, full: float, small: float) -> float:

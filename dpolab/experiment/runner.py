@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 import yaml
 
@@ -315,7 +315,7 @@ def _tune_eval_compare(spec: ExperimentSpec, out: Path, plan: CellPlan, kind: st
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = False, quick: bool = False, progress: bool = True,
                    stop_after_cells: int | None = None, executor: str = "local", address: str | None = None,
-                   estimate: bool = True) -> RunReport:
+                   estimate: bool = True, log: IO[str] | None = None) -> RunReport:
     """Run the grid of `spec` into `out`; see the module docstring. Returns the rows of results.parquet.
 
     estimate: before the baseline eval, time the run's parts at small sizes on this machine and say how long the
@@ -327,6 +327,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
     address: the Ray cluster to join (`ray start --head` prints it); None starts a local one, or uses the one this
         process has already initialised.
     stop_after_cells: end after this many cells have been run in this call (used to test resuming).
+    log: where the plain progress lines go when the output is not a terminal (default stdout; the CLI sends them
+        to stderr when the summary is printed as markdown, csv or json, so stdout holds only that).
     """
     import torch
 
@@ -358,7 +360,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, resume: bool = Fals
                                    tracking_uri=spec.tracking_uri)
     with tracking or contextlib.nullcontext():
         return _run_grid(spec, out, tracking, quick=quick, progress=progress, stop_after_cells=stop_after_cells,
-                         executor=executor, address=address, estimate=estimate)
+                         executor=executor, address=address, estimate=estimate, log=log)
 
 
 def _make_estimate(spec: ExperimentSpec, out: Path, cells: list[tuple[str, str, int]], done: list[tuple[str, str, int]],
@@ -383,7 +385,7 @@ def _make_estimate(spec: ExperimentSpec, out: Path, cells: list[tuple[str, str, 
 
 
 def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progress: bool, stop_after_cells: int | None,
-              executor: str, address: str | None, estimate: bool) -> RunReport:
+              executor: str, address: str | None, estimate: bool, log: IO[str] | None) -> RunReport:
     from rich.console import Console
 
     from dpolab.experiment.pool import pool_run
@@ -394,7 +396,7 @@ def _run_grid(spec: ExperimentSpec, out: Path, tracking, *, quick: bool, progres
     cells = spec.cells()
     done = [c for c in cells if (out / "cells" / cell_name(*c) / "cell.json").exists()]
     todo = len(cells) - len(done) if stop_after_cells is None else min(stop_after_cells, len(cells) - len(done))
-    phases = _Phases(console, None if interactive() else PlainLines(), cells=todo, done=len(done))
+    phases = _Phases(console, None if interactive() else PlainLines(log), cells=todo, done=len(done))
     report.skipped = [cell_name(*c) for c in done]
     if done:
         phases.say(f"resuming: {len(done)} of {len(cells)} cells already finished")

@@ -301,8 +301,14 @@ def _print_matrix_blocks(console, entries: list[MatrixEntry], title: str) -> Non
             colour = _COLOURS[e.verdict]
             q = "" if e.q_value is None else f"q={_num(e.q_value, '.2g')} "
             numbers = Text.assemble(f"{m:<{widths[0]}}  " if m else "", "Δ ", (f"{d:<{widths[1]}}", colour), "  ",
-                                    (f"{e.verdict.value:<{widths[2]}}", colour), f"  {q}n={_num(e.n, 'd')}")
+                                    (f"{e.verdict.value:<{widths[2]}}", colour))
+            counts = f"{q}n={_num(e.n, 'd')}"
+            if 6 + len(numbers) + 2 + len(counts) <= console.width:  # q and n on the numbers' line if they fit
+                numbers.append(f"  {counts}")
+                counts = ""
             indented(console, numbers, 6)
+            if counts:  # else on a line of their own, together, not one cut from the other by the wrap
+                indented(console, counts, 6)
 
 
 def print_matrix(rows: list[ResultRow], console=None, *, against: str = "baseline") -> None:

@@ -14,12 +14,14 @@ Conversation = Sequence[dict[str, str]]
 JUDGES = Registry("judge", {
     "toxicity": "dpolab.judges.programmatic:ToxicityJudge",  # 1 - toxicity of the reply (the detox probe's scorer)
     "length": "dpolab.judges.programmatic:LengthJudge",  # the reply's length in tokens: a length-biased judge
+    "correctness": "dpolab.judges.programmatic:CorrectnessJudge",  # the reply keeps the MCQ item's right answer
     "model": "dpolab.judges.model:ModelJudge",  # a local model asked yes/no: log p(yes) - log p(no)
     "endpoint": "dpolab.judges.endpoint:EndpointJudge",  # an OpenAI-compatible server: verdict log-probs or a rating
 })
 
 # The judge a context's own pairs are ranked by, used by a method kind that names none.
-CONTEXT_JUDGES = {"detox": "toxicity", "length-biased-judge": "length"}
+CONTEXT_JUDGES = {"detox": "toxicity", "length-biased-judge": "length", "resist-only": "correctness",
+                  "holistic": "correctness"}
 
 
 class Judge(Protocol):

@@ -43,7 +43,8 @@ class Options:
     temperature: sampling temperature.
     max_new_tokens: reply bound; None: the context's own max_new_tokens option, or 64 if it has none.
     judge: a name in dpolab.judges.JUDGES scoring the replies (higher is better); None: the context's own judge
-        (detox -> toxicity, length-biased-judge -> length); other contexts must name one.
+        (detox -> toxicity, length-biased-judge -> length, resist-only and holistic -> correctness); other
+        contexts must name one.
     judge_args: the judge's own options (e.g. {template: ..., model: ...} for judge model), checked at load.
     order: which pairs train first. Per prompt the pairs are the best reply against each other reply; a prompt's
         pairs are sorted by score gap, largest first (with r1 fixed as chosen, the gap s(r1) - s(rj) falls as rj's
