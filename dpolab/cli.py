@@ -170,9 +170,10 @@ def run(
                                  "ray (each cell a Ray task; the spec's `resources` sets its CPUs/GPUs)"),
     address: str = typer.Option(None, "--address", help="the Ray cluster to join (with --executor ray); default: "
                                 "start a local one"),
-    estimate: bool = typer.Option(False, "--estimate/--no-estimate", help="at the start, time the run's parts at "
-                                  "small sizes on this machine and say how long the whole run will take (off by "
-                                  "default: on the quick spec it took 2m51s and said 44 min for a 7.7-min run)"),
+    estimate: bool = typer.Option(None, "--estimate/--no-estimate", show_default=False,
+                                  help="at the start, time the run's parts at small sizes on this machine and say how "
+                                  "long the whole run will take, refined after each cell (default: on, but off with "
+                                  "--quick, whose run is too short for its minute of calibration)"),
     fmt: Format = typer.Option(Format.TABLE, "--format", help=FORMAT_HELP + "; with markdown, csv or json the "
                                "progress lines go to stderr and stdout holds only the summary"),
 ) -> None:
@@ -184,6 +185,8 @@ def run(
 
     if resume and out is None:
         raise typer.BadParameter("--resume needs --out DIR", param_hint="--resume")
+    if estimate is None:
+        estimate = not quick
     overrides = {k: v for k, v in {"backend": backend, "int8": int8}.items() if v is not None}
     loaded = load_spec(spec, quick=quick, preset=preset, overrides=overrides)
     out = out or f"runs/experiment-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -194,7 +197,8 @@ def run(
         again = "".join([" --quick" if quick else "", f" --preset {preset}" if preset else "",
                          f" --backend {backend}" if backend else "", " --int8" if int8 else "",
                          f" --executor {executor}" if executor != "local" else "",
-                         f" --address {address}" if address else "", " --estimate" if estimate else "",
+                         f" --address {address}" if address else "",
+                         "" if estimate == (not quick) else " --estimate" if estimate else " --no-estimate",
                          f" --format {fmt.value}" if fmt != Format.TABLE else ""])
         typer.secho(f"interrupted; finished cells are kept. Continue with: dpolab run {spec or ''} --out {out} --resume"
                     + again, fg=typer.colors.YELLOW, err=True)

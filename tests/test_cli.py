@@ -117,3 +117,23 @@ def test_shipped_train_configs_validate():
 
     for path in (Path(__file__).parent.parent / "configs").glob("train*.yaml"):
         load_config(TrainConfig, path)
+
+
+@pytest.mark.parametrize("args, expected", [([], True), (["--quick"], False), (["--quick", "--estimate"], True),
+                                            (["--no-estimate"], False)])
+def test_run_estimates_by_default_but_not_a_quick_run(monkeypatch, tmp_path, args, expected):
+    from dpolab.experiment import runner
+
+    seen = {}
+
+    def fake_run(spec, out, **kw):  # only what the command passes on
+        seen.update(kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_experiment", fake_run)
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 130 and seen["estimate"] is expected
+    # the line that says how to continue repeats the choice only where it is not the default
+    default = "--quick" not in args
+    assert ("--estimate" in result.output) == (expected and not default)
+    assert ("--no-estimate" in result.output) == (not expected and default)

@@ -253,3 +253,11 @@ def test_q_and_n_stay_together_when_the_numbers_line_is_full():
             assert "n=" not in lines[numbers] and lines[numbers + 1].strip() == "q=0.0012 n=1234", lines
         else:
             assert lines[numbers].endswith("q=0.01 n=32"), lines
+
+
+def test_compare_says_no_ci_where_a_value_has_none(tmp_path):
+    a = run_rows()
+    b = [r.model_copy(update={"value": r.value + 0.5, "ci_low": math.nan, "ci_high": math.nan}) for r in run_rows()]
+    text = printed(lambda c: compare_runs(make_run(tmp_path / "a", a), make_run(tmp_path / "b", b), console=c),
+                   width=80, terminal=False)
+    assert "(no CI)" in text and "nan" not in text

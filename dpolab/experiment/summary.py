@@ -421,7 +421,11 @@ def compare_record(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _value_ci(r: ResultRow | None) -> str:
-    return "—" if r is None else f"{_num(r.value, '.3f')} [{_num(r.ci_low, '.3f')}, {_num(r.ci_high, '.3f')}]"
+    if r is None:
+        return "—"
+    if all(x is None or math.isnan(x) for x in (r.ci_low, r.ci_high)):  # as the run summary says it
+        return f"{_num(r.value, '.3f')} (no CI)"
+    return f"{_num(r.value, '.3f')} [{_num(r.ci_low, '.3f')}, {_num(r.ci_high, '.3f')}]"
 
 
 def _verdict(r: ResultRow | None) -> str:
