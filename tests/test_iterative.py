@@ -124,7 +124,7 @@ def test_the_judge_defaults_to_the_contexts_own(tmp_path, tiny_model_dir):
                                options={"judge": None, "max_new_tokens": None}))
     assert length.judge_name == "length" and length.judge.score([[]], ["one two three"]) == [3.0]  # base's tokens
     assert length.max_new_tokens == 160  # the context's own default
-    with pytest.raises(ConfigError, match="needs a judge.*toxicity, length, model, endpoint"):
+    with pytest.raises(ConfigError, match="needs a judge.*toxicity, length, correctness, model, endpoint"):
         settings(make_job(tmp_path, tiny_model_dir, base=fake, options={"judge": None}))
 
 

@@ -261,3 +261,15 @@ def test_compare_says_no_ci_where_a_value_has_none(tmp_path):
     text = printed(lambda c: compare_runs(make_run(tmp_path / "a", a), make_run(tmp_path / "b", b), console=c),
                    width=80, terminal=False)
     assert "(no CI)" in text and "nan" not in text
+
+
+def test_compare_says_in_one_line_that_a_cell_is_in_one_run_only(tmp_path):
+    a = run_rows()
+    b = [r for r in run_rows() if r.method != "odpo"]  # B never ran detox / odpo (nor its placebo)
+    n = sum(1 for r in a if r.cell == ("detox", "odpo", None))
+    run_a, run_b = make_run(tmp_path / "a", a), make_run(tmp_path / "b", b)
+    text = printed(lambda c: compare_runs(run_a, run_b, console=c), width=80, terminal=False)
+    assert f"detox / odpo: only in A ({n} metrics; --all lists them)" in text
+    assert "toxicity · mean_score  (only in A)" not in text
+    listed = printed(lambda c: compare_runs(run_a, run_b, show_all=True, console=c), width=80, terminal=False)
+    assert "only in A (" not in listed and listed.count("(only in A)") == 2 * n  # detox and shuffled:detox

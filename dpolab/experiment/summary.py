@@ -432,15 +432,35 @@ def _verdict(r: ResultRow | None) -> str:
     return "—" if r is None else r.verdict.value
 
 
-def _print_compare(console, diffs: list[dict[str, Any]], dir_a, dir_b) -> None:
-    """A table where the console holds it whole; otherwise one block per cell, each metric with A and B below it."""
+def _print_compare(console, diffs: list[dict[str, Any]], dir_a, dir_b, *, show_all: bool = False) -> None:
+    """A table where the console holds it whole; otherwise one block per cell, each metric with A and B below it.
+    A cell only one run has is one line saying so (every metric of it with show_all)."""
     from rich.text import Text
-
-    from dpolab.experiment.layout import fitted_table, indented
 
     if not diffs:
         console.print("no differences")
         return
+    whys: dict[tuple, list[str]] = {}
+    for d in diffs:
+        whys.setdefault(d["key"][:3], []).append(d["why"])
+    alone = {cell: w for cell, w in whys.items() if not show_all and len(set(w)) == 1 and w[0].startswith("only in")}
+    diffs = [d for d in diffs if d["key"][:3] not in alone]
+    if diffs:
+        _print_compare_rows(console, diffs, dir_a, dir_b)
+    else:
+        console.print(Text(f"A = {dir_a}\nB = {dir_b}", style="italic"))
+    if alone:
+        console.print()
+    for cell, w in alone.items():
+        console.print(Text.assemble((cell_label(cell), "bold"), f": {w[0]} ({len(w)} metrics; --all lists them)"))
+
+
+def _print_compare_rows(console, diffs: list[dict[str, Any]], dir_a, dir_b) -> None:
+    """The differing rows: a table where the console holds it whole, else a block per cell."""
+    from rich.text import Text
+
+    from dpolab.experiment.layout import fitted_table, indented
+
     headers = ["context / method / seed", "probe", "metric", "A value [CI]", "A verdict", "B value [CI]", "B verdict",
                "differs in"]
     table = fitted_table(console, headers, [[cell_label(d["key"][:3]), *d["key"][3:], _value_ci(d["a"]),
@@ -486,7 +506,7 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path, *, show_all: bool = False
             diffs.append({"key": key, "a": ra, "b": rb, "why": "verdict" if ra.verdict != rb.verdict else "value" if apart else ""})
     fmt = Format(fmt)
     if fmt == Format.TABLE:
-        _print_compare(console, diffs, dir_a, dir_b)
+        _print_compare(console, diffs, dir_a, dir_b, show_all=show_all)
     elif fmt == Format.MARKDOWN:
         headers = ["context", "method", "seed", "probe", "metric", "A value [95% CI]", "A verdict", "B value [95% CI]",
                    "B verdict", "differs in"]
