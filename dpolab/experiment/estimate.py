@@ -15,8 +15,9 @@ What is timed, and how it is scaled to the spec's sizes:
 - training: two optimizer steps of each method (the cell's train config, on a context's calibration pairs) give
   seconds per token of a step and the fixed cost of a training (loading, warm-up, saving); a cell's training is
   that fixed cost, its steps at its pairs' tokens, and a forward pass over its pairs for a cached reference.
-  A method of a registered kind (dpolab.methods) counts as its plain training times its rounds (its own sampling
-  and judging are not timed); an edit is not timed at all. Both are refined once a cell of theirs has run.
+  A method of a registered kind (dpolab.methods) counts as its plain training times its rounds, plus its own
+  sampling priced like the probes' (kind_sampling_s; its judging and RL's PPO passes roughly); an edit is not
+  timed at all. Both are refined once a cell of theirs has run.
 
 What it cannot see: how many pairs a context keeps at full size (two items' worth, scaled, is a guess; at --quick
 sizes it is often off by half), and other work sharing the CPU.
@@ -301,6 +302,35 @@ class Estimate:
                 "updates": [[n, round(s, 1)] for n, s in self.updates]}
 
 
+def generate_s(costs: Costs, replies: int, max_new_tokens: int) -> float:
+    """Decode steps of `replies` replies in the engine's batches (prompts not counted)."""
+    size = max(1, costs.generate_batch)
+    full, rest = divmod(max(0, replies), size)
+    return max_new_tokens * (full * costs.step(size) + (costs.step(rest) if rest else 0.0))
+
+
+def kind_sampling_s(kind: str, options: Any, costs: Costs, *, prompts: int, tokens: float | None,
+                    training: _Training | None, max_new_tokens: int | None) -> float:
+    """What a registered method kind does besides plain training, priced: the replies it samples (and scores), and
+    for rl its rollouts' log-probs and its PPO passes. prompts: the context's pairs (a prompt each, near enough);
+    tokens: a pair's tokens (a sampled sequence counts half); max_new_tokens: the context's, when the kind takes it.
+    Rough by design: it is refined by the first cell of the kind that runs."""
+    seq = (tokens or 0.0) / 2
+    new = getattr(options, "max_new_tokens", None) or max_new_tokens or 64
+    if kind == "rl":
+        replies = options.steps * options.prompts_per_step * options.group_size
+        passes = options.epochs_per_batch * replies * seq * (training.token_s if training else 0.0)
+        return generate_s(costs, replies, new) + costs.scoring(replies, replies * seq) + passes
+    if kind == "iterative":
+        per_round = (options.prompts_per_round or prompts) * options.k
+        samples = (options.rounds + int(options.final_sample)) * per_round
+        return generate_s(costs, samples, new) + costs.scoring(samples, samples * seq)  # a model judge reads them
+    if kind == "curriculum":
+        samples = prompts * options.k
+        return generate_s(costs, samples, new) + costs.scoring(samples, samples * seq)
+    return 0.0
+
+
 def minutes(seconds: float) -> str:
     """"27 min" from a minute and a half on, "42 s" below."""
     return f"{seconds / 60:.0f} min" if seconds >= 90 else duration(seconds)
@@ -385,7 +415,7 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
     from dpolab.contexts.placebo import parse_placebo, self_sft_pairs
     from dpolab.experiment.spec import cell_name
     from dpolab.losses import needs_reference
-    from dpolab.methods import METHOD_KINDS
+    from dpolab.methods import METHOD_KINDS, context_value
     from dpolab.probes.run import run_eval
     from dpolab.training.loop import optimizer_steps
 
@@ -477,7 +507,11 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
                         cfg.reference in ("auto", "cached") else 0.0
                     tune_s = training.fixed_s + optimizer_steps(cfg, got.n) * cfg.batch_size * pair_s + reference
                 if kind in METHOD_KINDS:
-                    tune_s *= getattr(spec.methods[method].kind_options(), "rounds", 1)
+                    options = spec.methods[method].kind_options()
+                    tune_s = tune_s * getattr(options, "rounds", 1) + kind_sampling_s(
+                        kind, options, costs, prompts=got.n, tokens=got.tokens, training=training,
+                        max_new_tokens=context_value(source, spec.contexts[source].options if source in spec.contexts
+                                                     else {}, "max_new_tokens", None))
             explains = placebo is None and bool(spec.contexts[context].explain)
             cell_costs.append(CellCost(name=cell_name(context, method, seed),
                                        seconds={"pairs": pairs_s, "tune": tune_s, "eval": eval_s},
@@ -488,8 +522,8 @@ def calibrate(spec: ExperimentSpec, cells: Sequence[tuple[str, str, int]], *, ba
     if "edit" in kinds:
         notes.append("edit methods: not timed until their first cell has run")
     if kinds & set(METHOD_KINDS.names()):
-        notes.append("curriculum, iterative and rl methods: their plain training times their rounds; their own "
-                     "sampling and judging not timed until their first cell has run")
+        notes.append("curriculum, iterative and rl methods: their plain training times their rounds, and their "
+                     "sampling priced as the probes' (their judges and RL's extra passes roughly)")
     if any(spec.contexts[c].explain for c, _, _ in cells if c in spec.contexts):
         notes.append("explain: not timed until its first cell has run")
     notes.append("results and report: not counted (seconds)")

@@ -82,17 +82,23 @@ class CellJob:
     def context_default(self, key: str, fallback: Any) -> Any:
         """The context's own value of a sampling option (as the spec set it, else its declared default), else
         `fallback` (a context without that option, or a user's data)."""
-        import dataclasses
+        return context_value(self.source, self.context_options, key, fallback)
 
-        if self.context_options.get(key) is not None:
-            return self.context_options[key]
-        from dpolab.contexts import CONTEXTS
 
-        if self.source in CONTEXTS:
-            for f in dataclasses.fields(CONTEXTS.get(self.source).options):
-                if f.name == key and f.default is not dataclasses.MISSING and f.default is not None:
-                    return f.default
-        return fallback
+def context_value(source: str, context_options: dict[str, Any], key: str, fallback: Any) -> Any:
+    """A context's option `key` as the spec set it (context_options), else the context's declared default, else
+    `fallback`."""
+    import dataclasses
+
+    if context_options.get(key) is not None:
+        return context_options[key]
+    from dpolab.contexts import CONTEXTS
+
+    if source in CONTEXTS:
+        for f in dataclasses.fields(CONTEXTS.get(source).options):
+            if f.name == key and f.default is not dataclasses.MISSING and f.default is not None:
+                return f.default
+    return fallback
 
 
 @dataclass
