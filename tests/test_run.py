@@ -248,7 +248,9 @@ def test_run_and_compare_commands(tmp_path, tiny_model_dir, home):
         other = rows_b[(r.probe, r.metric)]
         line = next(x for x in printed.getvalue().splitlines()
                     if [c.strip() for c in x.split("│")][2:4] == [r.probe, r.metric])  # probe and metric columns
-        assert f"{r.value:.3f} [" in line and f"{other.value:.3f} [" in line
+        for x in (r, other):  # the value, then its CI or "(no CI)" when it has none
+            no_ci = math.isnan(x.ci_low) and math.isnan(x.ci_high)
+            assert f"{x.value:.3f} " + ("(no CI)" if no_ci else "[") in line
 
     rows = compare_runs(tmp_path / "a", tmp_path / "b", show_all=True)
     assert rows and all(r["key"][0] == "length-biased-judge" and r["a"] and r["b"] for r in rows)
