@@ -134,3 +134,16 @@ def test_cli_prints_every_name_whole_and_csv_carries_the_rows(tmp_path):
     records = list(csv.DictReader(io.StringIO(out)))
     assert list(records[0]) == CONTRAST_COLUMNS and {r["metric"] for r in records} == {"mean_score", "perplexity"}
     assert all(not math.isnan(float(r["delta"])) for r in records)
+
+
+def test_a_run_still_going_contrasts_its_finished_cells(tmp_path):
+    rng = np.random.default_rng(4)
+    ppl = scores(rng, 10.0)
+    run = make_run(tmp_path, {("detox", "a", 0): (scores(rng), ppl), ("detox", "b", 0): (scores(rng), ppl)})
+    finished = {r.metric: r for r in contrast(run, "detox/a", "detox/b")}
+    (run / "results.parquet").unlink()  # as it is before the last cell ends
+    going = {r.metric: r for r in contrast(run, "detox/a", "detox/b")}
+    assert going == finished  # the same numbers, the same families
+    (run / "experiment.json").unlink()
+    with pytest.raises(ConfigError, match="is not a `dpolab run` folder"):
+        contrast(run, "detox/a", "detox/b")

@@ -71,7 +71,8 @@ def _cells(run: Path) -> dict[tuple[str, str], dict[int, Path]]:
 
 
 def contrast(run_dir: str | Path, a: str, b: str, *, n_boot: int | None = None) -> list[ContrastRow]:
-    """A − B for every metric both groups measured, over the training seeds both ran.
+    """A − B for every metric both groups measured, over the training seeds both ran: of a finished run, or of the
+    finished cells of one still going.
 
     a, b: "context/method" of the run (a placebo's context is named as in its cells, e.g. shuffled:detox).
     n_boot: bootstrap resamples; default the run's own (spec.resolved.yaml's n_boot).
@@ -83,7 +84,8 @@ def contrast(run_dir: str | Path, a: str, b: str, *, n_boot: int | None = None) 
     from dpolab.probes.summary import EvalSummary
 
     run = Path(run_dir)
-    rows = read_run(run)  # checks the folder is a finished run, with a clear error if not
+    # a run still going has no results yet, but its finished cells can be set side by side already
+    rows = [] if (run / "experiment.json").exists() and not (run / "results.parquet").exists() else read_run(run)
     groups = _cells(run)
     sides = [parse_group(x) for x in (a, b)]
     if sides[0] == sides[1]:
@@ -101,7 +103,7 @@ def contrast(run_dir: str | Path, a: str, b: str, *, n_boot: int | None = None) 
         n_boot = int(resolved.get("n_boot") or 2000)
     evals = [[(EvalSummary.read(groups[side][s] / "eval" / "summary.json"), per_item_values(groups[side][s] / "eval"))
               for s in seeds] for side in sides]
-    headline = {(h.probe, last_turn(rows, h.probe, h.metric)) for h in behaviours(rows)}
+    headline = {(h.probe, last_turn(rows, h.probe, h.metric)) for h in behaviours(rows or None)}
     out: list[dict] = []
     for probe, result in evals[0][0][0].probes.items():
         for metric, m in result.metrics.items():
