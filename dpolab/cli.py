@@ -261,7 +261,7 @@ def compare(
 
 @app.command()
 def contrast(
-    run_dir: str = typer.Argument(..., help="a finished experiment folder"),
+    run_dir: str = typer.Argument(..., help="an experiment folder, finished or still running (its finished cells)"),
     a: str = typer.Argument(..., help="a method of the run as CONTEXT/METHOD, e.g. detox/curry"),
     b: str = typer.Argument(..., help="the method to set it against, e.g. detox/curry-single"),
     all_rows: bool = typer.Option(False, "--all", help="every metric, not only the matrix's behaviours"),
