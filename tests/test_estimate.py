@@ -218,22 +218,22 @@ def test_run_states_its_estimate_refines_it_after_each_cell_and_resumes_with_the
 def test_a_method_kind_is_priced_by_what_it_samples():
     """rl, iterative and curriculum sample replies of their own: priced as the probes' are, in the engine's batches,
     besides their plain training (and RL's PPO passes over its rollouts)."""
-    from dpolab.experiment.estimate import _Training, generate_s, kind_sampling_s
+    from dpolab.experiment.estimate import _Training, kind_sampling_s
     from dpolab.methods import METHOD_KINDS
 
     # 10 replies of 8 tokens in batches of 4: two full batches (step 1.25 s) and one of 2 (0.5 + 0.75 / 3)
-    assert generate_s(COSTS, 10, 8) == 8 * (2 * 1.25 + 0.75)
+    assert COSTS.decoding(10, 8) == 8 * (2 * 1.25 + 0.75)
     training = _Training(fixed_s=0.0, token_s=1 / 32)
     rl = METHOD_KINDS.get("rl").make_options({"steps": 2, "prompts_per_step": 3, "group_size": 2, "max_new_tokens": 8,
                                               "epochs_per_batch": 2, "reward": "toxicity"})
     # 12 replies; a sampled sequence is half a pair's 20 tokens; 2 PPO epochs over them at the training's rate
-    want = generate_s(COSTS, 12, 8) + 12 * 10 / 64 + 2 * 12 * 10 / 32
+    want = COSTS.decoding(12, 8) + 12 * 10 / 64 + 2 * 12 * 10 / 32
     assert kind_sampling_s("rl", rl, COSTS, prompts=5, tokens=20, training=training, max_new_tokens=None) == want
     it = METHOD_KINDS.get("iterative").make_options({"rounds": 3, "k": 2, "judge": "length"})
     # (3 rounds + the final model) x 5 prompts x 2 replies, at the context's 16 tokens
     assert kind_sampling_s("iterative", it, COSTS, prompts=5, tokens=20, training=training, max_new_tokens=16) == \
-        generate_s(COSTS, 40, 16) + 40 * 10 / 64
+        COSTS.decoding(40, 16) + 40 * 10 / 64
     curry = METHOD_KINDS.get("curriculum").make_options({"k": 4, "judge": "length"})
     assert kind_sampling_s("curriculum", curry, COSTS, prompts=5, tokens=20, training=training, max_new_tokens=None) \
-        == generate_s(COSTS, 20, 64) + 20 * 10 / 64  # no max_new_tokens anywhere: 64
+        == COSTS.decoding(20, 64) + 20 * 10 / 64  # no max_new_tokens anywhere: 64
     assert kind_sampling_s("train", None, COSTS, prompts=5, tokens=20, training=training, max_new_tokens=None) == 0.0

@@ -79,6 +79,7 @@ def contrast(run_dir: str | Path, a: str, b: str, *, n_boot: int | None = None) 
     """
     import yaml
 
+    from dpolab.experiment.pool import _vectors
     from dpolab.experiment.results import per_item_values, read_run
     from dpolab.experiment.summary import behaviours, last_turn
     from dpolab.probes.summary import EvalSummary
@@ -112,7 +113,7 @@ def contrast(run_dir: str | Path, a: str, b: str, *, n_boot: int | None = None) 
             key = (probe, metric)
             maps = [[items.get(key, {}) for _, items in side] for side in evals]
             ids = sorted(set().union(*maps[0], *maps[1]))
-            va, vb = ([[one.get(i, math.nan) for i in ids] for one in side] for side in maps)
+            va, vb = (_vectors(ids, side) for side in maps)
             boot = stable_hash("contrast", a, b, probe, metric)
             d = stats.seed_pooled_delta(vb, va, seed=boot, n_boot=n_boot, statistic=m.aggregate).interval
             value_a = stats.seed_pooled_delta(None, va, seed=boot, n_boot=n_boot, statistic=m.aggregate).interval

@@ -70,6 +70,13 @@ class Costs:
     pass_s: float = 0.0
     score_batch: int = 16
 
+    def decoding(self, replies: int, max_new_tokens: int) -> float:
+        """Seconds of the decode steps of `replies` replies generated together, in the engine's batches (their
+        prompts not counted)."""
+        size = max(1, self.generate_batch)
+        full, rest = divmod(max(0, replies), size)
+        return max_new_tokens * (full * self.step(size) + (self.step(rest) if rest else 0.0))
+
     def scoring(self, n_texts: int, tokens: float) -> float:
         """Seconds of one scoring call of `n_texts` texts holding `tokens` tokens in all."""
         return self.token_s * tokens + self.pass_s * math.ceil(n_texts / max(1, self.score_batch))
@@ -112,11 +119,8 @@ class Tally:
         return self.costs.scoring(len(texts), sum(self.count(t) for t in texts))
 
     def generate(self, conversations, *, max_new_tokens: int, **kwargs):
-        size = max(1, self.costs.generate_batch)
-        for start in range(0, len(conversations), size):
-            batch = conversations[start:start + size]
-            prompt = self.costs.token_s * sum(self.count(_text(c)) for c in batch)  # the prefill: one pass, in the steps
-            self.parts[-1] += max_new_tokens * self.costs.step(len(batch)) + prompt
+        prompts = self.costs.token_s * sum(self.count(_text(c)) for c in conversations)  # the prefills
+        self.parts[-1] += self.costs.decoding(len(conversations), max_new_tokens) + prompts
         return self.model.generate(conversations, max_new_tokens=max_new_tokens, **kwargs)
 
     def score_continuations(self, conversations, continuations):
@@ -302,13 +306,6 @@ class Estimate:
                 "updates": [[n, round(s, 1)] for n, s in self.updates]}
 
 
-def generate_s(costs: Costs, replies: int, max_new_tokens: int) -> float:
-    """Decode steps of `replies` replies in the engine's batches (prompts not counted)."""
-    size = max(1, costs.generate_batch)
-    full, rest = divmod(max(0, replies), size)
-    return max_new_tokens * (full * costs.step(size) + (costs.step(rest) if rest else 0.0))
-
-
 def kind_sampling_s(kind: str, options: Any, costs: Costs, *, prompts: int, tokens: float | None,
                     training: _Training | None, max_new_tokens: int | None) -> float:
     """What a registered method kind does besides plain training, priced: the replies it samples (and scores), and
@@ -320,14 +317,14 @@ def kind_sampling_s(kind: str, options: Any, costs: Costs, *, prompts: int, toke
     if kind == "rl":
         replies = options.steps * options.prompts_per_step * options.group_size
         passes = options.epochs_per_batch * replies * seq * (training.token_s if training else 0.0)
-        return generate_s(costs, replies, new) + costs.scoring(replies, replies * seq) + passes
+        return costs.decoding(replies, new) + costs.scoring(replies, replies * seq) + passes
     if kind == "iterative":
         per_round = (options.prompts_per_round or prompts) * options.k
         samples = (options.rounds + int(options.final_sample)) * per_round
-        return generate_s(costs, samples, new) + costs.scoring(samples, samples * seq)  # a model judge reads them
+        return costs.decoding(samples, new) + costs.scoring(samples, samples * seq)  # a model judge reads them
     if kind == "curriculum":
         samples = prompts * options.k
-        return generate_s(costs, samples, new) + costs.scoring(samples, samples * seq)
+        return costs.decoding(samples, new) + costs.scoring(samples, samples * seq)
     return 0.0
 
 
